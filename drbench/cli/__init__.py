@@ -1,0 +1,11 @@
+"""Command-line interface: ``drbench --help``. Each command module registers itself on :data:`app`."""
+
+from drbench.cli import ops  # noqa: F401  (registers commands)
+from drbench.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]
