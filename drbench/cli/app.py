@@ -5,7 +5,7 @@ The CLI is a thin layer: each command parses its flags, calls drbench's Python A
 
 from __future__ import annotations
 
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -41,8 +41,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Optional[bool] = typer.Option(
-        None, "--version", callback=_print_version, is_eager=True, help="Print drbench's version and exit."
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print drbench's version and exit."
     ),
 ) -> None:
     """Benchmark and ablate dynamic and region-aware convolutions."""
