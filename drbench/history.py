@@ -182,7 +182,8 @@ def _pooled(segment: list[HistoryPoint]) -> list[float]:
 
 def plot_history(history: History, out: str | Path) -> Path:
     """One panel per cell: the metric's centre per commit with its spread (quartiles of the samples, or one
-    standard deviation of the seeds), a dashed line at each step change labelled with its ratio. PNG, SVG or PDF
+    standard deviation of the seeds), the fitted segment levels, a dashed line at each step change labelled with
+    its ratio. PNG, SVG or PDF
     by the file's suffix."""
     import matplotlib
 
@@ -201,6 +202,11 @@ def plot_history(history: History, out: str | Path) -> Path:
         errors = [[c - lo * scale for c, lo in zip(centres, low)], [hi * scale - c for c, hi in zip(centres, high)]]
         x = range(len(cell.points))
         ax.errorbar(x, centres, yerr=errors, marker="o", capsize=3, color="tab:blue")
+        if cell.steps:  # the piecewise-constant fit: each segment's level
+            edges = [0, *(step.index for step in cell.steps), len(cell.points)]
+            levels = [cell.steps[0].before, *(step.after for step in cell.steps)]
+            ax.hlines([level * scale for level in levels], [e - 0.4 for e in edges[:-1]],
+                      [e - 0.6 for e in edges[1:]], color="tab:gray", linewidth=4, alpha=0.4)
         for step in cell.steps:
             colour = "tab:red" if step.decision.verdict is Verdict.REGRESSED else "tab:green"
             ax.axvline(step.index - 0.5, color=colour, linestyle="--")
