@@ -1,0 +1,146 @@
+"""What was measured, where and when, and what a reader must be warned about before trusting a report.
+
+>>> facts = provenance(results)          # doctest: +SKIP
+>>> facts.as_items()[:2]                 # doctest: +SKIP
+[('suite', 'quick'), ('commit', '3db48f3 (uncommitted changes)')]
+>>> for warning in report_warnings(results): print(warning)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from drbench.report.cells import NOISY_REL_IQR, Results, is_missing
+
+SHORT_COMMIT = 7
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A warning for the top of a report; ``details`` lists the cells or lines it is about."""
+
+    message: str
+    details: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The header of a report: each field lists the distinct values among the cells shown."""
+
+    suites: tuple[str, ...]
+    commits: tuple[str, ...]
+    devices: tuple[str, ...]
+    torch_versions: tuple[str, ...]
+    threads: tuple[str, ...]
+    machines: tuple[str, ...]
+    measured: str
+    records: int
+    cells: int
+    sources: tuple[str, ...]
+
+    def as_items(self) -> list[tuple[str, str]]:
+        """(label, text) pairs in reading order."""
+        unknown = lambda values: ", ".join(values) or "unknown"  # noqa: E731
+        return [
+            ("suite", unknown(self.suites)),
+            ("commit", unknown(self.commits)),
+            ("device", unknown(self.devices)),
+            ("torch", unknown(self.torch_versions)),
+            ("threads", unknown(self.threads)),
+            ("machine", unknown(self.machines)),
+            ("measured", self.measured),
+            ("cells", f"{self.cells} (the latest of {self.records} records, one per configuration)"),
+            ("results", ", ".join(self.sources)),
+        ]
+
+
+def provenance(results: Results) -> Provenance:
+    cells = results.cells
+    times = sorted(str(t) for t in _column(cells, "env.time"))
+    measured = f"{times[0]} to {times[-1]}" if len(times) > 1 and times[0] != times[-1] else (times or ["unknown"])[0]
+    return Provenance(
+        suites=tuple(results.suites),
+        commits=tuple(_commits(cells)),
+        devices=tuple(f"{d} ({n})" if n and n != d else str(d)
+                      for d, n in dict.fromkeys(_pairs(cells, "env.device", "env.device_name"))),
+        torch_versions=tuple(map(str, _distinct(cells, "env.torch_version"))),
+        threads=tuple(str(int(t)) for t in _distinct(cells, "env.threads")),
+        machines=tuple(map(str, _distinct(cells, "env.machine"))),
+        measured=measured,
+        records=len(results.records),
+        cells=len(cells),
+        sources=tuple(map(str, results.sources)),
+    )
+
+
+def report_warnings(results: Results) -> list[Notice]:
+    """What a reader must see first: mixed commits or machines, uncommitted code, noisy, failed or diverged
+    cells, unreadable lines."""
+    cells, facts = results.cells, provenance(results)
+    notices = [Notice("Skipped unreadable lines of the results:", results.unreadable)] if results.unreadable else []
+    mixed = {"commits": facts.commits, "machines": facts.machines, "devices": facts.devices,
+             "torch versions": facts.torch_versions, "thread counts": facts.threads}
+    notices += [Notice(f"These results mix {len(values)} {what} ({', '.join(values)}): compare cells measured under "
+                       "different conditions with care (drbench compare matches them pairwise).")
+                for what, values in mixed.items() if len(values) > 1]
+    if any(value is True for value in _column(cells, "env.git_dirty")):
+        notices.append(Notice("Some cells were measured with uncommitted changes to tracked files: the commit alone "
+                              "does not reproduce them."))
+    if noisy := noisy_cells(results):
+        notices.append(Notice(
+            f"{len(noisy)} of {int(cells['latency_ms'].notna().sum())} latency measurements are noisy (IQR/median "
+            f"above {NOISY_REL_IQR:.0%}), marked * in the tables:",
+            tuple(f"{label}: IQR/median {spread:.0%}" for label, spread in noisy)))
+    if failed := failed_cells(results):
+        notices.append(Notice(f"{len(failed)} cells failed and are missing from the tables and plots:",
+                              tuple(f"{label}: {error}" for label, error in failed)))
+    if diverged := diverged_runs(results):
+        notices.append(Notice("Training runs diverged (NaN loss) and are left out of the accuracy:",
+                              tuple(f"{label}: {count} run(s)" for label, count in diverged)))
+    return notices
+
+
+def noisy_cells(results: Results) -> list[tuple[str, float]]:
+    """(label, IQR/median) of each cell whose forward latency is noisy."""
+    cells = results.cells
+    noisy = cells[cells["latency_rel_iqr"] > NOISY_REL_IQR]
+    return [(results.label(cell), float(cell["latency_rel_iqr"])) for _, cell in noisy.iterrows()]
+
+
+def diverged_runs(results: Results) -> list[tuple[str, int]]:
+    """(label, diverged seed count) of each cell where accuracy training diverged."""
+    counts = pd.to_numeric(results.cells.get("accuracy.diverged", pd.Series(dtype=float)), errors="coerce")
+    return [(results.label(results.cells.loc[i]), int(n)) for i, n in counts.items() if n > 0]
+
+
+def failed_cells(results: Results) -> list[tuple[str, str]]:
+    """(label, error message) of each cell whose latest record is an error."""
+    failed = results.cells[results.cells["status"] != "ok"]
+    return [(results.label(cell), str(cell.get("error") or "no message"))
+            for _, cell in failed.iterrows()]
+
+
+def _commits(cells: pd.DataFrame) -> list[str]:
+    """Each commit, short, marked when any of its cells ran with uncommitted changes."""
+    dirty: dict[str, bool] = {}
+    for commit, is_dirty in _pairs(cells, "env.git_commit", "env.git_dirty"):
+        name = "unknown (not a git checkout)" if is_missing(commit) else str(commit)[:SHORT_COMMIT]
+        dirty[name] = dirty.get(name, False) or is_dirty is True
+    return [f"{name} (uncommitted changes)" if is_dirty else name for name, is_dirty in dirty.items()]
+
+
+def _column(frame: pd.DataFrame, name: str) -> list:
+    return [v for v in frame[name] if not is_missing(v)] if name in frame else []
+
+
+def _distinct(frame: pd.DataFrame, name: str) -> list:
+    return list(dict.fromkeys(_column(frame, name)))
+
+
+def _pairs(frame: pd.DataFrame, first: str, second: str) -> list[tuple]:
+    if first not in frame:
+        return []
+    seconds = frame[second] if second in frame else [None] * len(frame)
+    return [(a, None if is_missing(b) else b) for a, b in zip(frame[first], seconds)]
