@@ -1,0 +1,268 @@
+"""``drbench run``, ``drbench show``, ``drbench config`` and ``drbench list suites``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+from rich.table import Table
+
+from drbench.cli.app import app, console, err_console, fail, list_app
+from drbench.config import Config, ConfigError, load_config
+from drbench.results import StoreLockedError, StoreWarning, load
+from drbench.runner import RunInterrupted, plan, run_suite
+from drbench.suite import CELL_KEYS, Cell, Suite, SuiteError, list_suites, load_suite, option_names
+
+CONFIG_OPTION = typer.Option(None, "--config", help="Settings file (default: ./drbench.toml when present).")
+RESULTS_DIR_OPTION = typer.Option(None, "--results-dir", help="Results folder (default: paths.results_dir).")
+DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda or auto (default: the suite's, else run.device).")
+THREADS_OPTION = typer.Option(None, "--threads", min=0, help="torch threads (default: run.threads; 0: torch's).")
+
+
+def _config(path: Optional[Path], **flags: Any) -> Config:
+    results_dir = flags.get("results_dir")
+    overrides = {"paths.results_dir": str(results_dir) if results_dir else None, "run.device": flags.get("device"),
+                 "run.threads": flags.get("threads")}
+    try:
+        return load_config(path, overrides)
+    except ConfigError as error:
+        fail(str(error))
+
+
+def _suite(argument: str, config: Config) -> Suite:
+    """``argument`` is a suite file, or the name of one in ``paths.suites_dir`` (``quick``)."""
+    path = Path(argument)
+    if not path.exists():
+        named = Path(config.get("paths.suites_dir")) / f"{argument}.yaml"
+        path = named if named.exists() else path
+    try:
+        return load_suite(path, config)
+    except SuiteError as error:
+        fail(str(error))
+
+
+@app.command("run")
+def run_command(
+    suite: str = typer.Argument(..., help="Suite file (suites/quick.yaml) or suite name (quick)."),
+    results_dir: Optional[Path] = RESULTS_DIR_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
+    only: Optional[str] = typer.Option(
+        None, "--only", help="Run only matching cells: key=value[|value],... e.g. 'op=drconv|conv,width=0.5'."
+    ),
+    force: bool = typer.Option(False, "--force", help="Measure cells again even if already stored."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and exit."),
+    config_file: Optional[Path] = CONFIG_OPTION,
+) -> None:
+    """Measure every cell of a suite, storing one record per cell as it finishes (resumable)."""
+    config = _config(config_file, results_dir=results_dir, device=device, threads=threads)
+    loaded = _suite(suite, config)
+    try:
+        if dry_run:
+            _print_plan(loaded, plan(loaded, config, device=device, only=only, force=force, results_dir=results_dir))
+            return
+        with _RichObserver() as observer:
+            summary = run_suite(loaded, config, device=device, only=only, force=force, results_dir=results_dir,
+                                observer=observer)
+    except (SuiteError, ValueError) as error:
+        fail(str(error))
+    except StoreLockedError as error:
+        fail(str(error), code=1)
+    except RunInterrupted as interrupted:
+        done = interrupted.summary
+        err_console.print(
+            f"[bold yellow]interrupted:[/] {done.ok + done.errors} cells stored in {done.results_file}; "
+            "run the same command again to resume (stored cells are skipped).",
+            highlight=False,
+        )
+        raise typer.Exit(130)
+    where = f" -> {summary.results_file}" if summary.results_file else ""
+    console.print(
+        f"{loaded.name}: {summary.ok + summary.errors} cells measured ({summary.errors} errors), "
+        f"{summary.skipped} already stored, in {summary.duration_s:.1f} s{where}",
+        highlight=False,
+    )
+    if summary.errors:
+        for message in summary.error_messages:
+            err_console.print(f"[red]error:[/] {escape(message)}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _print_plan(suite: Suite, planned: list) -> None:
+    table = Table(title=f"{suite.name}: {len(planned)} cells, metrics: {', '.join(suite.metrics)}")
+    for column in ("#", "cell", "device", "config hash", "stored"):
+        table.add_column(column)
+    for index, item in enumerate(planned, start=1):
+        table.add_row(str(index), item.cell.label(), item.cell.device, item.cell.config_hash(),
+                      "yes (skip)" if item.stored else "")
+    console.print(table)
+
+
+class _RichObserver:
+    """A progress bar with the current cell and ETA, and one line per finished cell."""
+
+    def __enter__(self) -> _RichObserver:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.progress.__enter__()
+        self.task = self.progress.add_task("starting", total=None)
+        self.label = ""
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.__exit__(*exc_info)
+
+    def run_started(self, to_run: int, skipped: int) -> None:
+        self.progress.update(self.task, total=to_run)
+        if skipped:
+            self.progress.console.print(f"{skipped} cells already stored (skipped; --force measures them again)")
+
+    def cell_started(self, cell: Cell) -> None:
+        self.label = cell.label()
+        self.progress.update(self.task, description=escape(self.label))
+
+    def cell_status(self, text: str) -> None:
+        self.progress.update(self.task, description=escape(f"{self.label}: {text}"))
+
+    def cell_finished(self, record: dict) -> None:
+        if record["status"] == "ok":
+            summary = "  ".join(f"{name}={_format_metric(name, r['value'])}" for name, r in record["metrics"].items())
+            self.progress.console.print(f"[green]ok[/]    {escape(self.label)}  {escape(summary)}", highlight=False)
+        else:
+            self.progress.console.print(f"[red]error[/] {escape(self.label)}: {escape(record['error'])}",
+                                        highlight=False)
+        self.progress.advance(self.task)
+
+
+def _format_metric(name: str, value: Any) -> str:
+    """Human units for the headline of the built-in metrics; other metrics as they are."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if name in ("macs", "params"):
+        return f"{value / 1e6:.2f}M"
+    if name == "latency":
+        return f"{value * 1e3:.2f}ms"
+    if name == "memory":
+        return f"{value / 2**20:.1f}MiB"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command("show")
+def show_command(
+    path: Path = typer.Argument(..., help="A results file or folder (results/quick)."),
+    errors: bool = typer.Option(False, "--errors", help="Also print each failed cell's traceback."),
+) -> None:
+    """Print stored results as a table: configuration, status and each metric's headline."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StoreWarning)
+        try:
+            frame = load(path)
+        except FileNotFoundError as error:
+            fail(str(error))
+    for warning in caught:
+        err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False)
+    if frame.empty:
+        fail(f"{path}: no records", code=1)
+    console.print(_results_table(frame, str(path)))
+    if errors:
+        for _, row in frame[frame.status == "error"].iterrows():
+            err_console.print(f"[red]{escape(str(row['model']))} {escape(str(row['op']))}[/]\n{row['traceback']}",
+                              highlight=False)
+
+
+def _results_table(frame: pd.DataFrame, title: str) -> Table:
+    config_columns = [c for c in (*CELL_KEYS, *option_names()) if c in frame and _varies_or_key(frame, c)]
+    metric_columns = [c for c in ("macs", "params", "latency", "memory") if c in frame]
+    metric_columns += [c for c in frame.columns if c not in metric_columns and _is_other_headline(frame, c)]
+    table = Table(title=f"{title}: {len(frame)} records")
+    for column in (*config_columns, "status", *metric_columns, "threads", "commit"):
+        table.add_column(column, justify="right" if column in metric_columns else "left")
+    for _, row in frame.iterrows():
+        cells = [_plain(row[c]) for c in config_columns]
+        cells.append("ok" if row["status"] == "ok" else f"[red]error[/] {escape(str(row['error']))[:60]}")
+        cells += [_metric_cell(row, c) for c in metric_columns]
+        cells += [_plain(row.get("env.threads")), str(row.get("env.git_commit") or "-")[:8]]
+        table.add_row(*cells)
+    return table
+
+
+def _varies_or_key(frame: pd.DataFrame, column: str) -> bool:
+    """Always show model and op; other settings only where they differ between records."""
+    return column in ("model", "op") or frame[column].astype(str).nunique(dropna=False) > 1
+
+
+def _is_other_headline(frame: pd.DataFrame, column: str) -> bool:
+    """Headline columns of metrics outside the built-in four (e.g. accuracy): named like a metric, no dot."""
+    known = {"suite", "run_id", "config_hash", "status", "error", "traceback", "started", "duration_s",
+             *CELL_KEYS, *option_names()}
+    return "." not in column and column not in known
+
+
+def _metric_cell(row: pd.Series, column: str) -> str:
+    value = row[column]
+    if not isinstance(value, (int, float)) or pd.isna(value):
+        return "-"
+    text = _format_metric(column, value)
+    if column == "latency":
+        text = f"{value * 1e3:.2f} ± {row['latency.iqr_s'] * 1e3:.2f} ms"
+        if row.get("latency.noisy"):
+            text += " [yellow](noisy)[/]"
+    return text
+
+
+def _plain(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return escape(f"{value:g}" if isinstance(value, float) else str(value))
+
+
+@app.command("config")
+def config_command(
+    results_dir: Optional[Path] = RESULTS_DIR_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
+    config_file: Optional[Path] = CONFIG_OPTION,
+) -> None:
+    """Print the effective settings and where each came from (default, drbench.toml, or a flag)."""
+    config = _config(config_file, results_dir=results_dir, device=device, threads=threads)
+    table = Table(title="drbench settings")
+    for column in ("setting", "value", "source"):
+        table.add_column(column)
+    for key, value, source in config.items():
+        table.add_row(key, escape(repr(value) if isinstance(value, str) else str(value)), escape(source))
+    console.print(table)
+
+
+@list_app.command("suites")
+def list_suites_command(config_file: Optional[Path] = CONFIG_OPTION) -> None:
+    """List the suite files in paths.suites_dir with their cell counts."""
+    config = _config(config_file)
+    directory = Path(config.get("paths.suites_dir"))
+    table = Table(title=f"Suites in {directory}/")
+    for column in ("name", "file", "cells", "metrics", "description"):
+        table.add_column(column)
+    for path in list_suites(directory):
+        try:
+            suite = load_suite(path, config)
+        except SuiteError as error:
+            table.add_row(path.stem, str(path), "-", "-", f"[red]invalid:[/] {escape(str(error))}")
+            continue
+        table.add_row(suite.name, str(path), str(len(suite.cells)), ", ".join(suite.metrics),
+                      escape(suite.description))
+    console.print(table)

@@ -1,0 +1,286 @@
+"""Latency measurement: warm-up, timed blocks until the spread is small or the budget is spent, every sample kept.
+
+Measuring is separate from presenting, as in ``torch.utils.benchmark``: the functions here return
+:class:`LatencyMeasurement` value objects (raw samples plus the statistics derived from them), and reports decide
+how to show them.
+
+- A *sample* is the time of one call, in seconds: a timed block of ``n`` calls gives one sample of
+  ``block_time / n``. Calls shorter than ``min_block_s`` are grouped so that clock resolution and launch overhead
+  do not dominate; a model's forward pass is usually long enough to be one call per block.
+- After ``warmup`` untimed calls, blocks are timed until at least ``min_blocks`` samples exist and either
+  IQR/median is at most ``target_rel_iqr`` or the time spent in timed blocks reaches ``budget_s``.
+- A measurement whose IQR/median exceeds 10% is flagged ``noisy`` (torch.utils.benchmark's threshold).
+- On CUDA, blocks are timed with CUDA events after a synchronisation: kernel launches are asynchronous, and a
+  wall clock around them measures the launch, not the work.
+- :func:`time_interleaved` times several callables in turns (A B A B ...), so that slow drifts of a shared
+  machine (other jobs, thermal state) affect all of them alike; compare ratios from one such call, never absolute
+  times from different runs.
+
+>>> import torch
+>>> m = time_callable(lambda: torch.ones(64, 64) @ torch.ones(64, 64), budget_s=0.05)
+>>> m.median > 0 and len(m.samples) >= 5
+True
+>>> a, b = time_interleaved({"a": lambda: torch.ones(8).sum(), "b": lambda: torch.ones(9).sum()}, budget_s=0.05).values()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Mapping, Protocol
+
+import torch
+import torch.nn as nn
+
+NOISY_REL_IQR = 0.10
+"""IQR/median above which a measurement is flagged noisy."""
+
+MIN_BLOCK_S = 0.01
+"""Calls shorter than this are grouped into blocks at least this long."""
+
+
+@dataclass(frozen=True)
+class LatencyMeasurement:
+    """Raw per-call samples (seconds) of one callable, and the statistics derived from them.
+
+    ``batch_size`` is the number of images one call processes (for throughput); ``calls_per_block`` how many
+    calls each sample averages; ``threads`` the torch intra-op thread count while timing.
+    """
+
+    samples: tuple[float, ...]
+    batch_size: int
+    warmup: int
+    calls_per_block: int
+    threads: int
+    device: str
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            raise ValueError("a LatencyMeasurement needs at least one sample")
+
+    @property
+    def median(self) -> float:
+        return _quantile(self.samples, 0.5)
+
+    @property
+    def iqr(self) -> float:
+        return _quantile(self.samples, 0.75) - _quantile(self.samples, 0.25)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def mean(self) -> float:
+        return math.fsum(self.samples) / len(self.samples)
+
+    @property
+    def rel_iqr(self) -> float:
+        return _rel_iqr(self.samples)
+
+    @property
+    def noisy(self) -> bool:
+        return self.rel_iqr > NOISY_REL_IQR
+
+    @property
+    def throughput(self) -> float:
+        """Images per second at the median latency."""
+        return self.batch_size / self.median
+
+    def to_dict(self) -> dict:
+        """JSON-able: the raw fields plus the derived statistics (the statistics are recomputed on load)."""
+        return {
+            **asdict(self),
+            "samples": list(self.samples),
+            "median_s": self.median,
+            "iqr_s": self.iqr,
+            "min_s": self.min,
+            "mean_s": self.mean,
+            "throughput": self.throughput,
+            "noisy": self.noisy,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LatencyMeasurement:
+        fields = cls.__dataclass_fields__
+        return cls(**{**{k: v for k, v in data.items() if k in fields}, "samples": tuple(data["samples"])})
+
+    def __str__(self) -> str:
+        flag = "  (noisy)" if self.noisy else ""
+        return (
+            f"median {self.median * 1e3:.3f} ms, IQR {self.iqr * 1e3:.3f} ms, min {self.min * 1e3:.3f} ms, "
+            f"{self.throughput:.1f} img/s over {len(self.samples)} samples{flag}"
+        )
+
+
+class BlockTimer(Protocol):
+    """Times one block: ``start()`` before the calls, ``stop()`` after them returns the elapsed seconds."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> float: ...
+
+
+class WallClockTimer:
+    """``time.perf_counter`` around a block: right for CPU work, which is synchronous."""
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        return time.perf_counter() - self._start
+
+
+class CudaEventTimer:
+    """CUDA events recorded on the current stream around a block, read after synchronising."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+        self._start.record()
+
+    def stop(self) -> float:
+        self._end.record()
+        torch.cuda.synchronize(self.device)
+        return self._start.elapsed_time(self._end) / 1e3
+
+
+def block_timer_for(device: str | torch.device) -> BlockTimer:
+    """The timer that measures work on ``device`` honestly: CUDA events on a GPU, the wall clock on a CPU."""
+    device = torch.device(device)
+    return CudaEventTimer(device) if device.type == "cuda" else WallClockTimer()
+
+
+def time_callable(
+    fn: Callable[[], object],
+    *,
+    device: str | torch.device = "cpu",
+    budget_s: float = 1.0,
+    warmup: int = 3,
+    min_blocks: int = 5,
+    target_rel_iqr: float = 0.05,
+    batch_size: int = 1,
+    timer: BlockTimer | None = None,
+) -> LatencyMeasurement:
+    """Time ``fn()`` (see the module docstring for the procedure); ``timer`` replaces the device's clock."""
+    return time_interleaved(
+        {"fn": fn},
+        device=device,
+        budget_s=budget_s,
+        warmup=warmup,
+        min_blocks=min_blocks,
+        target_rel_iqr=target_rel_iqr,
+        batch_size=batch_size,
+        timer=timer,
+    )["fn"]
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    device: str | torch.device = "cpu",
+    budget_s: float = 1.0,
+    warmup: int = 3,
+    min_blocks: int = 5,
+    target_rel_iqr: float = 0.05,
+    batch_size: int = 1,
+    timer: BlockTimer | None = None,
+) -> dict[str, LatencyMeasurement]:
+    """Time several callables in turns, one block each per round, until all are steady or the budget is spent.
+
+    The budget is shared: it bounds the total time spent in timed blocks of all callables together.
+    """
+    if not fns:
+        raise ValueError("time_interleaved needs at least one callable")
+    if min_blocks < 2:
+        raise ValueError(f"min_blocks must be at least 2 to judge the spread, got {min_blocks}")
+    timer = timer or block_timer_for(device)
+    calls = {name: _calls_per_block(fn, timer, warmup) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    spent = 0.0
+    while True:
+        for name, fn in fns.items():
+            block = _time_block(fn, calls[name], timer)
+            spent += block
+            samples[name].append(block / calls[name])
+        enough = len(samples[next(iter(fns))]) >= min_blocks
+        steady = all(_rel_iqr(s) <= target_rel_iqr for s in samples.values())
+        if enough and (steady or spent >= budget_s):
+            break
+    threads = torch.get_num_threads()
+    return {
+        name: LatencyMeasurement(tuple(samples[name]), batch_size, warmup, calls[name], threads, str(device))
+        for name in fns
+    }
+
+
+def _calls_per_block(fn: Callable[[], object], timer: BlockTimer, warmup: int) -> int:
+    """Run the warm-up calls; from the last one's duration choose how many calls make a block of MIN_BLOCK_S."""
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    one_call = _time_block(fn, 1, timer)
+    return max(1, math.ceil(MIN_BLOCK_S / one_call)) if one_call > 0 else 1
+
+
+def _time_block(fn: Callable[[], object], calls: int, timer: BlockTimer) -> float:
+    timer.start()
+    for _ in range(calls):
+        fn()
+    return timer.stop()
+
+
+def _quantile(values: tuple[float, ...] | list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), without the numpy round trip."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _rel_iqr(samples: tuple[float, ...] | list[float]) -> float:
+    median = _quantile(samples, 0.5)
+    return (_quantile(samples, 0.75) - _quantile(samples, 0.25)) / median if median > 0 else math.inf
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(threads)`` (0: leave torch's setting); yields the count in use."""
+    previous = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def forward_latency(model: nn.Module, example: torch.Tensor, **timing) -> LatencyMeasurement:
+    """Inference latency of ``model(example)``: eval mode, ``torch.inference_mode``; ``timing`` as time_callable."""
+    model.eval()
+    with torch.inference_mode():
+        return time_callable(lambda: model(example), batch_size=example.shape[0], **timing)
+
+
+def train_step_latency(
+    model: nn.Module, example: torch.Tensor, targets: torch.Tensor, **timing
+) -> LatencyMeasurement:
+    """Latency of one training step: forward, cross-entropy loss, backward and an SGD step (momentum 0.9).
+
+    The model's parameters change as it is timed: pass a copy if they matter.
+    """
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(example), targets).backward()
+        optimizer.step()
+
+    return time_callable(step, batch_size=example.shape[0], **timing)
