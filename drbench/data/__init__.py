@@ -15,17 +15,25 @@
 
 from drbench.data import synthetic  # noqa: F401,I001  (registration order is the listing order: default first)
 from drbench.data import cifar, digits, imagefolder  # noqa: F401
-from drbench.data.dataset import SPLITS, DatasetError, ImageDataset
-from drbench.data.registry import DatasetSpec, get_dataset, get_dataset_spec, list_datasets, register_dataset
-
-DEFAULT_DATASET = "synthetic"
+from drbench.data.dataset import SPLITS, DatasetError, ImageDataset, Normalization
+from drbench.data.registry import (
+    DEFAULT_DATASET,
+    DatasetSpec,
+    DataSettings,
+    get_dataset,
+    get_dataset_spec,
+    list_datasets,
+    register_dataset,
+)
 
 __all__ = [
     "DEFAULT_DATASET",
     "SPLITS",
     "DatasetError",
+    "DataSettings",
     "DatasetSpec",
     "ImageDataset",
+    "Normalization",
     "get_dataset",
     "get_dataset_spec",
     "list_datasets",

@@ -102,6 +102,7 @@ class _ArraysOnly(pickle.Unpickler):
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes, as Python 3 writes them with protocol 2
     }
 
     def find_class(self, module: str, name: str):

@@ -79,3 +79,41 @@ class ImageDataset:
         if count < 1:
             raise DatasetError(f"{self.name}: asked for {count} images; expected at least 1")
         return replace(self, images=self.images[:count], labels=self.labels[:count])
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and standard deviation (on a 0..1 scale) that turn ``uint8`` images into model inputs.
+
+    >>> import torch
+    >>> data = ImageDataset("toy", "train", torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1),
+    ...                     torch.tensor([0, 0]), classes=("a",))
+    >>> Normalization.of(data)
+    Normalization(mean=(0.5,), std=(0.5,))
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, dataset: ImageDataset) -> Normalization:
+        """Exact statistics of ``dataset``, from a 256-bin histogram per channel (no float copy of the images)."""
+        values = torch.arange(256, dtype=torch.float64) / 255
+        means, stds = [], []
+        for channel in range(dataset.channels):
+            counts = torch.bincount(dataset.images[:, channel].flatten(), minlength=256).to(torch.float64)
+            mean = (counts * values).sum() / counts.sum()
+            variance = (counts * (values - mean) ** 2).sum() / counts.sum()
+            means.append(float(mean))
+            stds.append(max(float(variance.sqrt()), 1e-3))  # a constant channel must not divide by zero
+        return cls(tuple(means), tuple(stds))
+
+    def __call__(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``uint8`` (B, C, H, W) images, on any device, as normalised ``dtype`` inputs."""
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=dtype, device=images.device).view(shape)
+        std = torch.tensor(self.std, dtype=dtype, device=images.device).view(shape)
+        return (images.to(dtype) / 255 - mean) / std
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}

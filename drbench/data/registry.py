@@ -16,9 +16,25 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from drbench.config import register_config_section
 from drbench.data.dataset import SPLITS, DatasetError, ImageDataset
 
 Loader = Callable[..., ImageDataset]
+DEFAULT_DATASET = "synthetic"
+
+
+class DataSettings(BaseModel):
+    """``[data]`` in drbench.toml: the data set that ``drbench train`` and the accuracy metric use by default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    dataset: str = Field(DEFAULT_DATASET, description="data set name (drbench list datasets)")
+    data_path: str | None = Field(None, description="folder of a data set read from disk (CIFAR, ImageFolder)")
+
+
+register_config_section("data", DataSettings)
 
 
 @dataclass(frozen=True)
