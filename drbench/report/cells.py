@@ -72,12 +72,19 @@ def load_results(paths: Iterable[str | Path]) -> Results:
             records += read_records(source)
     if not records:
         raise ValueError(f"no results records in {', '.join(map(str, sources)) or '(no paths given)'}")
+    frame, config_keys = records_frame(records)
+    unreadable = tuple(str(w.message) for w in caught if issubclass(w.category, StoreWarning))
+    return Results(sources, frame, latest_cells(frame, config_keys), tuple(config_keys), unreadable)
+
+
+def records_frame(records: Sequence[dict]) -> tuple[pd.DataFrame, list[str]]:
+    """``drbench.results.load``'s frame of these records, configuration values kept as stored, and the
+    configuration keys in the order the records list them."""
     config_keys = list(dict.fromkeys(key for record in records for key in record.get("config", {})))
     frame = pd.DataFrame([flatten_record(record) for record in records])
     for key in config_keys:  # as stored: pandas would turn the ints of a column with gaps (regions) into floats
         frame[key] = _objects([record.get("config", {}).get(key) for record in records], frame.index)
-    unreadable = tuple(str(w.message) for w in caught if issubclass(w.category, StoreWarning))
-    return Results(sources, frame, latest_cells(frame, config_keys), tuple(config_keys), unreadable)
+    return frame, config_keys
 
 
 def latest_cells(frame: pd.DataFrame, config_keys: Sequence[str]) -> pd.DataFrame:
@@ -195,7 +202,9 @@ def _accuracy(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
     mean = pd.Series([np.mean(v) if v else np.nan for v in per_seed], index=frame.index, dtype=float)
     std = pd.Series([np.std(v, ddof=1) if len(v) > 1 else np.nan for v in per_seed], index=frame.index, dtype=float)
     seeds = pd.Series([len(v) if v else np.nan for v in per_seed], index=frame.index, dtype=float)
-    return mean.fillna(_numeric(frame, "accuracy")), std.fillna(_numeric(frame, "accuracy.std")), seeds
+    stored = seeds.isna()
+    return (mean.where(~stored, _numeric(frame, "accuracy")), std.where(~stored, _numeric(frame, "accuracy.std")),
+            seeds)
 
 
 def _numbers(values: Any) -> list[float]:

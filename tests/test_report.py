@@ -1,0 +1,142 @@
+"""drbench report end to end: the report folder, its warnings, which plots apply, the CLI, a real run."""
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from drbench.cli import app
+from drbench.config import load_config
+from drbench.report import build_report
+from drbench.runner import run_suite
+from drbench.suite import load_suite
+from report_records import record, sweep_records, write_store
+
+cli = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sweep_report(tmp_path_factory):
+    """The report of a store with every plot's axes (built once: four figures take a few seconds)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    write_store(folder / "results" / "handmade", sweep_records())
+    return build_report([folder / "results"], folder / "report")
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """Two cells of one model: tables and one plot (pareto)."""
+    write_store(tmp_path / "results" / "small", [record(op="conv", macs=1_000_000, latency=[0.001] * 5),
+                                                 record(op="drconv", macs=1_100_000, latency=[0.002] * 5, regions=4)])
+    return tmp_path / "results"
+
+
+def plot_names(report) -> set[str]:
+    return {path.name for path in report.plot_files}
+
+
+def test_report_folder_has_pages_tables_and_every_applicable_plot(sweep_report):
+    report = sweep_report
+    for path in (report.index_md, report.index_html, *report.csv_files):
+        assert path.is_file() and path.stat().st_size > 0
+    assert plot_names(report) == {f"{name}.{ext}" for name in ("gain_vs_size", "pareto", "vs_regions", "vs_input_size")
+                                  for ext in ("png", "svg")}
+    markdown = report.index_md.read_text()
+    assert "### MACs (M)" in markdown and "### top-1 (%)" in markdown
+    assert "![Top-1 gain over standard convolution vs model size](plots/gain_vs_size.png)" in markdown
+    assert "| shufflenetv2 | 0.5 | 32 | 4 | 65.50 ± 0.71 | 67.50 ± 0.71 | +2.00 pts |" in markdown
+    cells = pd.read_csv(report.csv_files[1])
+    assert len(cells) == len(sweep_records())
+    comparison = pd.read_csv(report.csv_files[0])
+    assert "drconv Δ top-1 vs conv (points)" in comparison.columns
+
+
+def test_header_and_warnings_name_what_a_reader_must_know(sweep_report):
+    report = sweep_report
+    markdown = report.index_md.read_text()
+    assert "- **commit**: 0123456" in markdown
+    assert "- **device**: cpu (Test CPU)" in markdown
+    messages = [notice.message for notice in report.notices]
+    assert any("1 of" in m and "noisy" in m for m in messages)
+    failed = next(n for n in report.notices if "failed" in n.message)
+    assert failed.details == ("mobilenetv2 1.0x local input_size=32: ValueError: local needs input_size",)
+    assert "ValueError: local needs input_size" in report.index_html.read_text()
+    assert not any("mix" in m for m in messages)
+
+
+def test_mixed_commits_and_machines_and_dirty_trees_are_flagged(tmp_path):
+    write_store(tmp_path / "store", [
+        record(op="conv", macs=1, commit="a" * 40, machine="left"),
+        record(op="drconv", macs=2, commit="b" * 40, machine="right", dirty=True, regions=4),
+    ])
+    messages = [n.message for n in build_report([tmp_path / "store"], tmp_path / "report").notices]
+    assert any("mix 2 commits (aaaaaaa, bbbbbbb (uncommitted changes))" in m for m in messages)
+    assert any("mix 2 machines (left, right)" in m for m in messages)
+    assert any("uncommitted changes" in m for m in messages if "mix" not in m)
+
+
+def test_plots_follow_the_axes_present(small_store, tmp_path):
+    write_store(tmp_path / "one", [record(op="conv", macs=1_000_000, params=1000)])
+    single = build_report([tmp_path / "one"], tmp_path / "single")
+    assert single.plot_files == ()
+    assert "### MACs (M)" in single.index_md.read_text()  # a suite without plot axes still gets its tables
+    assert plot_names(build_report([small_store], tmp_path / "pair")) == {"pareto.png", "pareto.svg"}
+
+
+def test_a_rebuilt_report_drops_plots_that_no_longer_apply(small_store, tmp_path):
+    out = tmp_path / "report"
+    build_report([small_store], out)
+    write_store(tmp_path / "one", [record(op="conv", macs=1)])
+    build_report([tmp_path / "one"], out)
+    assert not list((out / "plots").glob("*"))
+
+
+def test_guided_masks_in_the_results_folder_are_copied_and_linked(small_store, tmp_path):
+    (small_store / "small" / "masks-drconv.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    report = build_report([small_store], tmp_path / "report")
+    assert [p.name for p in report.mask_files] == ["masks-drconv.png"]
+    assert "![guided masks](masks/masks-drconv.png)" in report.index_md.read_text()
+
+
+def test_default_folder_is_named_after_the_suite(small_store, tmp_path):
+    config = load_config(overrides={"paths.reports_dir": str(tmp_path / "reports")})
+    report = build_report([small_store], config=config)
+    assert report.out_dir == tmp_path / "reports" / "handmade"  # the records' suite, not the folder's name
+
+
+def test_cli_writes_the_report_and_rejects_missing_paths(small_store, tmp_path):
+    result = cli.invoke(app, ["report", str(small_store), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "index.html" in result.output
+    assert (tmp_path / "report" / "index.html").is_file()
+
+    missing = cli.invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2
+    assert "nowhere: no such results file or folder" in missing.output
+
+    (tmp_path / "empty").mkdir()
+    empty = cli.invoke(app, ["report", str(tmp_path / "empty")])
+    assert empty.exit_code == 2
+    assert "no results records" in empty.output
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run(tmp_path):
+    """The runner's own records (not hand-made ones) make a report with the measured numbers."""
+    suite_file = tmp_path / "tiny.yaml"
+    suite_file.write_text(
+        "name: tiny\n"
+        "description: two cells\n"
+        "fixed: {input_size: 32, small_input: true, num_classes: 10, device: cpu}\n"
+        "axes: {model: [shufflenetv2], width: [0.5], op: [conv, drconv], regions: [4]}\n"
+        "metrics: {macs: {}, params: {}, latency: {budget_s: 0.05, warmup: 1, min_blocks: 3}}\n"
+    )
+    config = load_config(overrides={"paths.results_dir": str(tmp_path / "results")})
+    summary = run_suite(load_suite(suite_file, config), config)
+    assert summary.ok == 2
+    report = build_report([tmp_path / "results" / "tiny"], tmp_path / "report")
+    cells = pd.read_csv(report.csv_files[1]).set_index("op")
+    assert cells.loc["drconv", "macs_m"] > cells.loc["conv", "macs_m"] > 0
+    assert cells.loc["conv", "latency_ms"] > 0
+    markdown = report.index_md.read_text()
+    assert f"{cells.loc['conv', 'macs_m']:.2f}"[:3] in markdown
+    assert plot_names(report) == {"pareto.png", "pareto.svg"}
