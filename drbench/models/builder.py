@@ -83,7 +83,7 @@ class Placement:
 PLACEMENTS = {
     "all": Placement("every convolution, depthwise and stem included", lambda site: True),
     "pointwise": Placement(
-        "every 1x1 convolution (groups=1), the last 1x1 conv before the classifier included",
+        "every 1x1 convolution (groups=1), the head's included",
         lambda site: site.pointwise,
     ),
 }

@@ -41,6 +41,7 @@ PLACEMENTS = {
     widths=(1.0,),
     placements=PLACEMENTS,
     num_classes=EMBEDDING_SIZE,
+    input_size=(112, 112),
 )
 class MobileFaceNet(nn.Sequential):
     """MobileFaceNet: 3x3/2 conv 64, 3x3 depthwise 64, five stages of bottlenecks (PReLU), 1x1 conv 512, a linear

@@ -27,7 +27,7 @@ class ModelSpec:
     ``widths`` are the published width multipliers; with ``any_width`` every width between the smallest and the
     largest is accepted too. ``placements`` (family-specific ones plus the shared ``all`` and ``pointwise``) map
     names to the convolutions an operator replaces; ``"default"`` is the paper's choice.
-    ``num_classes`` is the default size of the output layer.
+    ``num_classes`` and ``input_size`` are the defaults of :func:`create_model`.
     """
 
     name: str
@@ -37,6 +37,7 @@ class ModelSpec:
     placements: dict[str, Placement]
     any_width: bool = False
     num_classes: int = 1000
+    input_size: tuple[int, int] = (224, 224)
 
     def check_width(self, width: float) -> None:
         low, high = min(self.widths), max(self.widths)
@@ -65,6 +66,7 @@ def register_model(
     placements: dict[str, Placement],
     any_width: bool = False,
     num_classes: int = 1000,
+    input_size: tuple[int, int] = (224, 224),
 ) -> Callable[[ModelClass], ModelClass]:
     """Class decorator: register a model family whose constructor takes
     ``(width=, num_classes=, small_input=, layers=LayerBuilder)``; ``placements`` must include ``"default"``."""
@@ -75,7 +77,7 @@ def register_model(
         if "default" not in placements:
             raise ValueError(f"model {name!r} needs a 'default' placement")
         _REGISTRY[name] = ModelSpec(
-            name, builder, description, widths, {**placements, **PLACEMENTS}, any_width, num_classes
+            name, builder, description, widths, {**placements, **PLACEMENTS}, any_width, num_classes, input_size
         )
         return builder
 
@@ -100,7 +102,7 @@ def create_model(
     width: float = 1.0,
     op: str = "conv",
     num_classes: int | None = None,
-    input_size: int | tuple[int, int] = 224,
+    input_size: int | tuple[int, int] | None = None,
     placement: str = "default",
     small_input: bool = False,
     **op_kwargs,
@@ -108,8 +110,9 @@ def create_model(
     """Build model ``name`` at ``width`` with operator ``op`` at the convolutions ``placement`` selects.
 
     ``input_size`` (an int or (H, W)) is the size the model will see: operators such as ``local`` are built for
-    it. ``num_classes`` defaults to the family's output size (1000 ImageNet classes; MobileFaceNet's 128-d
-    embedding). ``small_input`` swaps in a stem for 32x32 images. ``op_kwargs`` go to every replaced operator.
+    it; it defaults to the family's (224; 112 for MobileFaceNet). ``num_classes`` defaults to the family's output
+    size (1000 ImageNet classes; MobileFaceNet's 128-d embedding). ``small_input`` swaps in a stem for 32x32
+    images. ``op_kwargs`` go to every replaced operator.
 
     >>> model = create_model("mobilenetv2", width=0.5, op="condconv", experts=4, num_classes=10,
     ...                      input_size=32, small_input=True)
@@ -118,6 +121,7 @@ def create_model(
     spec.check_width(width)
     selection = spec.placement(placement)
     get_op(op)
+    input_size = spec.input_size if input_size is None else input_size
     if not isinstance(input_size, int) and len(input_size) != 2:
         raise ValueError(f"input_size must be an int or (H, W), got {input_size!r}")
     _, *size = image_shape(input_size)
