@@ -242,8 +242,9 @@ def config_command(
     """Print the effective settings and where each came from (default, drbench.toml, or a flag)."""
     config = _config(config_file, results_dir=results_dir, device=device, threads=threads)
     table = Table(title="drbench settings")
-    for column in ("setting", "value", "source"):
-        table.add_column(column)
+    table.add_column("setting", no_wrap=True)
+    table.add_column("value")
+    table.add_column("source", overflow="fold")
     for key, value, source in config.items():
         table.add_row(key, escape(repr(value) if isinstance(value, str) else str(value)), escape(source))
     console.print(table)

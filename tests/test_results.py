@@ -1,0 +1,122 @@
+"""The results store: append-only JSON Lines, readable after a crash, merged across files, locked per suite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from drbench.results import (
+    ResultsStore,
+    RunWriter,
+    StoreLockedError,
+    StoreWarning,
+    load,
+    read_records,
+    resume_key,
+)
+
+
+def record(op: str = "conv", status: str = "ok", commit: str = "abc", threads: int = 1, **metrics) -> dict:
+    return {
+        "schema": 1,
+        "suite": "s",
+        "run_id": "r",
+        "config": {"model": "shufflenetv2", "width": 0.5, "op": op},
+        "config_hash": f"hash-{op}",
+        "metric_settings": {"latency": {"budget_s": 1.0}},
+        "status": status,
+        "error": None if status == "ok" else "ValueError: boom",
+        "traceback": None,
+        "metrics": metrics or {"macs": {"value": 41_000_000, "executed_flops": 82_000_000},
+                               "latency": {"value": 0.01, "samples": [0.01, 0.011], "noisy": False,
+                                           "train": {"median_s": 0.03}}},
+        "env": {"git_commit": commit, "machine": "m", "threads": threads, "hostname": "m"},
+        "started": "2026-01-01T00:00:00+00:00",
+        "duration_s": 1.5,
+    }
+
+
+def test_records_are_appended_one_line_each_and_read_back(tmp_path):
+    path = tmp_path / "run.jsonl"
+    with RunWriter(path) as writer:
+        writer.append(record("conv"))
+        writer.append(record("drconv"))
+        assert writer.count == 2
+        # already on disk before the writer closes
+        assert len(path.read_text().splitlines()) == 2
+    assert [r["config"]["op"] for r in read_records(path)] == ["conv", "drconv"]
+
+
+def test_a_truncated_last_line_is_skipped_with_a_warning(tmp_path):
+    path = tmp_path / "run.jsonl"
+    with RunWriter(path) as writer:
+        writer.append(record("conv"))
+    full = json.dumps(record("drconv"))
+    with path.open("a") as handle:
+        handle.write(full[: len(full) // 2])  # a writer killed mid-line
+    with pytest.warns(StoreWarning, match=r"run.jsonl:2: skipped truncated last line"):
+        records = read_records(path)
+    assert [r["config"]["op"] for r in records] == ["conv"]
+
+
+def test_an_unreadable_line_in_the_middle_is_skipped_with_a_warning(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps(record("conv")) + "\n{oops\n" + json.dumps(record("local")) + "\n[1, 2]\n")
+    with pytest.warns(StoreWarning) as caught:
+        records = read_records(path)
+    assert [r["config"]["op"] for r in records] == ["conv", "local"]
+    assert [str(w.message).split(": skipped")[0].rsplit(":", 1)[1] for w in caught] == ["2", "4"]
+
+
+def test_load_flattens_records_and_merges_a_folder(tmp_path):
+    store = ResultsStore(tmp_path / "s")
+    with store.writer("run-1") as writer:
+        writer.append(record("conv"))
+    with store.writer("run-2") as writer:
+        writer.append(record("drconv", status="error", metrics={}))
+    (tmp_path / "s" / "notes.txt").write_text("not a results file")
+    frame = load(tmp_path)
+    assert list(frame["op"]) == ["conv", "drconv"]
+    assert list(frame["status"]) == ["ok", "error"]
+    row = frame.iloc[0]
+    assert row["macs"] == 41_000_000 and row["macs.executed_flops"] == 82_000_000
+    assert row["latency"] == 0.01 and row["latency.samples"] == [0.01, 0.011]
+    assert row["latency.train"] == {"median_s": 0.03}
+    assert row["env.threads"] == 1 and row["settings.latency.budget_s"] == 1.0
+    assert frame.iloc[1]["error"] == "ValueError: boom"
+    assert len(load(tmp_path / "s" / "run-1.jsonl")) == 1
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such results file or folder"):
+        load(tmp_path / "nothing")
+
+
+def test_completed_holds_only_successful_records(tmp_path):
+    store = ResultsStore(tmp_path / "s")
+    assert store.completed() == set()
+    with store.writer() as writer:
+        writer.append(record("conv"))
+        writer.append(record("drconv", status="error"))
+    assert store.completed() == {resume_key(record("conv"))}
+
+
+def test_resume_key_separates_commit_machine_threads_and_settings():
+    base = record()
+    assert resume_key(base) == resume_key(record())
+    assert resume_key(base) != resume_key(record(commit="def"))
+    assert resume_key(base) != resume_key(record(threads=2))
+    changed = record()
+    changed["metric_settings"]["latency"]["budget_s"] = 2.0
+    assert resume_key(base) != resume_key(changed)
+
+
+def test_a_second_writer_of_the_same_suite_is_refused(tmp_path):
+    store = ResultsStore(tmp_path / "s")
+    with store.lock():
+        with pytest.raises(StoreLockedError, match=r"is in use by drbench run \(pid \d+"):
+            with ResultsStore(tmp_path / "s").lock():
+                pass
+    with store.lock():  # released
+        pass

@@ -1,0 +1,213 @@
+"""Timing and memory measurement: value objects, the stopping rule (with a scripted clock), CUDA path selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from drbench.measure import memory, timing
+from drbench.measure.memory import CPU_METHOD, forward_peak_memory
+from drbench.measure.timing import (
+    CudaEventTimer,
+    LatencyMeasurement,
+    WallClockTimer,
+    block_timer_for,
+    fixed_threads,
+    forward_latency,
+    time_callable,
+    time_interleaved,
+    train_step_latency,
+)
+
+
+class ScriptedTimer:
+    """A block timer whose stop() returns the next scripted duration (seconds)."""
+
+    def __init__(self, durations):
+        self.durations = iter(durations)
+        self.blocks = 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> float:
+        self.blocks += 1
+        return next(self.durations)
+
+
+def measurement(samples, batch_size=1) -> LatencyMeasurement:
+    return LatencyMeasurement(tuple(samples), batch_size, warmup=1, calls_per_block=1, threads=1, device="cpu")
+
+
+def test_statistics_match_numpy():
+    samples = [0.010, 0.012, 0.011, 0.030, 0.009, 0.0105]
+    m = measurement(samples, batch_size=8)
+    assert m.median == pytest.approx(np.median(samples))
+    assert m.iqr == pytest.approx(np.percentile(samples, 75) - np.percentile(samples, 25))
+    assert m.min == 0.009 and m.mean == pytest.approx(np.mean(samples))
+    assert m.throughput == pytest.approx(8 / np.median(samples))
+
+
+def test_noisy_flag_is_iqr_over_median_above_ten_percent():
+    assert not measurement([1.0, 1.0, 1.0, 1.09, 1.0]).noisy
+    assert measurement([1.0, 1.2, 0.8, 1.3, 0.7]).noisy
+
+
+def test_to_dict_keeps_raw_samples_and_round_trips():
+    m = measurement([0.5, 0.25, 0.75])
+    data = m.to_dict()
+    assert data["samples"] == [0.5, 0.25, 0.75] and data["median_s"] == 0.5 and data["noisy"] is True
+    assert LatencyMeasurement.from_dict(data) == m
+    assert "median 500.000 ms" in str(m)
+    with pytest.raises(ValueError):
+        measurement([])
+
+
+def test_steady_samples_stop_at_min_blocks():
+    # warm-up call timed at 20 ms (above MIN_BLOCK_S: one call per block), then steady 20 ms blocks
+    timer = ScriptedTimer([0.020] + [0.020] * 100)
+    m = time_callable(lambda: None, timer=timer, warmup=2, min_blocks=5, budget_s=10)
+    assert len(m.samples) == 5 and m.calls_per_block == 1 and timer.blocks == 6
+    assert m.samples == (0.020,) * 5
+
+
+def test_noisy_samples_continue_until_the_budget_and_keep_every_sample():
+    durations = [0.1] + [0.1, 0.3] * 50
+    m = time_callable(lambda: None, timer=ScriptedTimer(durations), warmup=1, min_blocks=3, budget_s=0.9,
+                      target_rel_iqr=0.05)
+    assert m.samples == (0.1, 0.3, 0.1, 0.3, 0.1)  # stopped once 0.9 s had been spent in timed blocks
+    assert m.noisy
+
+
+def test_short_calls_are_grouped_into_blocks():
+    calls = []
+    # warm-up call takes 1 ms -> 10 calls per block; each block then reports 10 ms
+    m = time_callable(lambda: calls.append(1), timer=ScriptedTimer([0.001] + [0.010] * 10), warmup=1,
+                      min_blocks=3, budget_s=10)
+    assert m.calls_per_block == 10
+    assert m.samples == pytest.approx((0.001,) * 3)
+    assert len(calls) == 1 + 3 * 10
+
+
+def test_interleaved_timing_alternates_and_shares_the_budget():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    results = time_interleaved(fns, timer=ScriptedTimer([0.02, 0.02] + [0.02] * 20), warmup=1, min_blocks=4,
+                               budget_s=10)
+    assert order == ["a", "b"] + ["a", "b"] * 4
+    assert set(results) == {"a", "b"} and all(len(m.samples) == 4 for m in results.values())
+
+
+def test_real_clock_measures_real_work():
+    x = torch.randn(128, 128)
+    m = time_callable(lambda: x @ x, budget_s=0.05, min_blocks=3, warmup=1)
+    assert len(m.samples) >= 3 and m.min > 0 and m.threads == torch.get_num_threads()
+
+
+def test_the_cuda_timer_is_chosen_only_for_cuda_devices():
+    assert isinstance(block_timer_for("cpu"), WallClockTimer)
+    chosen = block_timer_for("cuda:1")
+    assert isinstance(chosen, CudaEventTimer) and chosen.device == torch.device("cuda:1")
+
+
+def test_cuda_timer_synchronises_and_reads_events_in_seconds(monkeypatch):
+    calls = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.name = f"event{len([c for c in calls if c.startswith('new')])}"
+            calls.append(f"new {self.name}")
+
+        def record(self):
+            calls.append(f"record {self.name}")
+
+        def elapsed_time(self, end):
+            calls.append("elapsed")
+            return 12.5  # milliseconds, as CUDA reports
+
+    monkeypatch.setattr(timing.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda device: calls.append(f"sync {device}"))
+    timer = CudaEventTimer(torch.device("cuda:0"))
+    timer.start()
+    calls.append("work")
+    assert timer.stop() == pytest.approx(0.0125)
+    assert calls == ["sync cuda:0", "new event0", "new event1", "record event0", "work", "record event1",
+                     "sync cuda:0", "elapsed"]
+
+
+def test_fixed_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    with fixed_threads(1) as used:
+        assert used == 1 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    with fixed_threads(0) as used:
+        assert used == before
+
+
+class Probe(nn.Module):
+    """Records the mode it was called in."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+        self.seen = set()
+
+    def forward(self, x):
+        self.seen.add((self.training, torch.is_inference_mode_enabled()))
+        return self.layer(x)
+
+
+def test_forward_latency_runs_in_eval_and_inference_mode():
+    probe = Probe().train()
+    m = forward_latency(probe, torch.randn(5, 4), budget_s=0.01, min_blocks=2, warmup=1)
+    assert probe.seen == {(False, True)} and m.batch_size == 5
+
+
+def test_train_step_latency_trains():
+    probe = Probe().eval()
+    before = probe.layer.weight.detach().clone()
+    train_step_latency(probe, torch.randn(5, 4), torch.zeros(5, dtype=torch.long), budget_s=0.01, min_blocks=2,
+                       warmup=1)
+    assert probe.seen == {(True, False)}
+    assert not torch.equal(before, probe.layer.weight)
+
+
+class TwoSteps(nn.Module):
+    def forward(self, x):
+        y = x * 2  # 4000 bytes
+        z = y + 1  # 4000 more while y is alive
+        return z  # y freed here
+
+
+def test_cpu_peak_memory_counts_live_tensors():
+    peak = forward_peak_memory(TwoSteps(), torch.zeros(1000))
+    assert peak.peak_bytes == 8000 and peak.method == CPU_METHOD and peak.device == "cpu"
+
+
+def test_cpu_peak_memory_sees_frees():
+    class Chain(nn.Module):
+        def forward(self, x):
+            for _ in range(5):
+                x = x + 1  # each step frees the previous intermediate
+            return x
+
+    assert forward_peak_memory(Chain(), torch.zeros(1000)).peak_bytes == 8000
+
+
+def test_cuda_peak_memory_uses_the_allocator_peak(monkeypatch):
+    calls = []
+    fake = {
+        "synchronize": lambda device: calls.append("sync"),
+        "reset_peak_memory_stats": lambda device: calls.append("reset"),
+        "memory_allocated": lambda device: 1000,
+        "max_memory_allocated": lambda device: 5000,
+    }
+    for name, function in fake.items():
+        monkeypatch.setattr(memory.torch.cuda, name, function)
+    example = torch.zeros(3)
+    result = memory._cuda_peak(nn.Identity(), example)
+    assert result.peak_bytes == 4000 and result.method == memory.CUDA_METHOD
+    assert calls == ["sync", "reset", "sync"]
