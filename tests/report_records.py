@@ -27,7 +27,7 @@ def record(
     params: int | None = None,
     latency: Sequence[float] | None = None,
     memory: int | None = None,
-    top1: Sequence[float] | None = None,
+    top1: Sequence[float | None] | None = None,
     input_size: int | list[int] = 32,
     error: str | None = None,
     commit: str = COMMIT,
@@ -37,7 +37,8 @@ def record(
     suite: str = "handmade",
     **options: Any,
 ) -> dict:
-    """One record; ``latency`` are raw per-call samples in seconds, ``top1`` the per-seed accuracies (%)."""
+    """One record; ``latency`` are raw per-call samples in seconds, ``top1`` the per-seed accuracies (%, None for
+    a seed whose training diverged)."""
     config = {"model": model, "width": width, "op": op, "input_size": input_size, "placement": "default",
               "small_input": True, "num_classes": 10, "batch_size": 1, "dtype": "float32", "device": "cpu",
               **options}
@@ -72,14 +73,16 @@ def record(
     }
 
 
-def accuracy_metric(per_seed: Sequence[float]) -> dict:
-    """The ``accuracy`` metric's stored form (drbench.measure.accuracy.measure_accuracy)."""
+def accuracy_metric(per_seed: Sequence[float | None]) -> dict:
+    """The ``accuracy`` metric's stored form (drbench.measure.accuracy.measure_accuracy); None: a diverged seed."""
+    finished = [value for value in per_seed if value is not None]
     return {
-        "value": statistics.fmean(per_seed),
-        "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
+        "value": statistics.fmean(finished) if finished else None,
+        "std": (statistics.stdev(finished) if len(finished) > 1 else 0.0) if finished else None,
         "seeds": list(range(len(per_seed))),
-        "diverged": 0,
-        "runs": [{"seed": seed, "status": "ok", "top1": value} for seed, value in enumerate(per_seed)],
+        "diverged": len(per_seed) - len(finished),
+        "runs": [{"seed": seed, "status": "ok" if value is not None else "diverged", "top1": value}
+                 for seed, value in enumerate(per_seed)],
     }
 
 

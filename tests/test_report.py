@@ -56,7 +56,7 @@ def test_header_and_warnings_name_what_a_reader_must_know(sweep_report):
     assert "- **commit**: 0123456" in markdown
     assert "- **device**: cpu (Test CPU)" in markdown
     messages = [notice.message for notice in report.notices]
-    assert any("1 of" in m and "noisy" in m for m in messages)
+    assert "Noisy latency (IQR/median above 10%, marked * in the tables) in 1 of 19 cells:" in messages
     failed = next(n for n in report.notices if "failed" in n.message)
     assert failed.details == ("mobilenetv2 1.0x local input_size=32: ValueError: local needs input_size",)
     assert "ValueError: local needs input_size" in report.index_html.read_text()
@@ -72,6 +72,15 @@ def test_mixed_commits_and_machines_and_dirty_trees_are_flagged(tmp_path):
     assert any("mix 2 commits (aaaaaaa, bbbbbbb (uncommitted changes))" in m for m in messages)
     assert any("mix 2 machines (left, right)" in m for m in messages)
     assert any("uncommitted changes" in m for m in messages if "mix" not in m)
+
+
+def test_diverged_seeds_are_left_out_of_the_accuracy_and_reported(tmp_path):
+    write_store(tmp_path / "store", [record(op="conv", macs=1, top1=[70.0, 72.0]),
+                                     record(op="drconv", macs=1, top1=[73.0, None, 75.0], regions=4)])
+    report = build_report([tmp_path / "store"], tmp_path / "report")
+    diverged = next(n for n in report.notices if "diverged" in n.message)
+    assert diverged.details == ("shufflenetv2 0.5x drconv: 1 run(s)",)
+    assert "| shufflenetv2 | 0.5 | 71.00 ± 1.41 | 74.00 ± 1.41 | +3.00 pts |" in report.index_md.read_text()
 
 
 def test_plots_follow_the_axes_present(small_store, tmp_path):

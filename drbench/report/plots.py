@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -56,8 +57,6 @@ def make_plots(cells: pd.DataFrame, config_keys: Sequence[str]) -> list[Plot]:
         return []
     builders: list[Callable[[pd.DataFrame, Sequence[str]], Plot | None]] = [
         gain_vs_size, pareto, lambda c, k: sweep(c, k, "regions"), lambda c, k: sweep(c, k, "input_size")]
-    import matplotlib
-
     with matplotlib.rc_context(STYLE):
         return [plot for build in builders if (plot := build(ok, config_keys)) is not None]
 

@@ -89,12 +89,13 @@ def report_warnings(results: Results) -> list[Notice]:
         notices.append(Notice("Some cells were measured with uncommitted changes to tracked files: the commit alone "
                               "does not reproduce them."))
     if noisy := noisy_cells(results):
+        measured = int(cells["latency_ms"].notna().sum())
         notices.append(Notice(
-            f"{len(noisy)} of {int(cells['latency_ms'].notna().sum())} latency measurements are noisy (IQR/median "
-            f"above {NOISY_REL_IQR:.0%}), marked * in the tables:",
+            f"Noisy latency (IQR/median above {NOISY_REL_IQR:.0%}, marked * in the tables) in {len(noisy)} of "
+            f"{_count(measured, 'cell')}:",
             tuple(f"{label}: IQR/median {spread:.0%}" for label, spread in noisy)))
     if failed := failed_cells(results):
-        notices.append(Notice(f"{len(failed)} cells failed and are missing from the tables and plots:",
+        notices.append(Notice(f"{_count(len(failed), 'cell')} failed; missing from the tables and plots:",
                               tuple(f"{label}: {error}" for label, error in failed)))
     if diverged := diverged_runs(results):
         notices.append(Notice("Training runs diverged (NaN loss) and are left out of the accuracy:",
@@ -129,6 +130,10 @@ def _commits(cells: pd.DataFrame) -> list[str]:
         name = "unknown (not a git checkout)" if is_missing(commit) else str(commit)[:SHORT_COMMIT]
         dirty[name] = dirty.get(name, False) or is_dirty is True
     return [f"{name} (uncommitted changes)" if is_dirty else name for name, is_dirty in dirty.items()]
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _column(frame: pd.DataFrame, name: str) -> list:
