@@ -184,3 +184,7 @@ def _all_region_outputs(x, filters, stride, padding, dilation):
 def _select_regions(region_outputs, mask):
     index = mask[:, None, None].expand(-1, 1, region_outputs.shape[2], -1, -1)
     return region_outputs.gather(1, index).squeeze(1)
+
+
+# Registers the "fast" implementation; at the bottom because it builds on the helpers above.
+from drbench.ops import region_conv_fast  # noqa: E402,F401

@@ -1,0 +1,344 @@
+"""FLOP-proportional ``region_conv2d`` (implementation ``"fast"``): each position is computed with its own filter only.
+
+The reference computes every region's output everywhere (m convolutions). Here the output positions are bucketed
+by (sample, region) and laid out in tiles of T slots; a tile is one matrix product of its region's filter
+(O, C*kh*kw) with the patches of its positions (C*kh*kw, T), and a chunk of samples' tiles go through one batched
+matmul. The multiply-adds are a convolution's plus the padding of each bucket's last tile. Patches are gathered
+straight from the (padded) input into tile order, a chunk of samples at a time, so a k x k kernel never holds the
+whole im2col and each chunk's patches are still in cache when the matmul reads them.
+
+Backward: ``x`` and ``filters`` get exact gradients through the same tiles (only the selected filter at each
+position). The guide's gradient (Eq. 6-8) needs every region's response at every position, which is inherently m
+convolutions of work: one batched matmul of all m filters with the patches per chunk of samples and a reduction
+over output channels, then :func:`guide_gradient`.
+
+>>> import torch
+>>> from drbench.ops.functional import region_conv2d
+>>> x, guide, filters = torch.randn(2, 8, 10, 10), torch.randn(2, 4, 10, 10), torch.randn(2, 4, 16, 8, 3, 3)
+>>> region_conv2d(x, guide, filters, padding=1, impl="fast").shape
+torch.Size([2, 16, 10, 10])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from drbench.ops.functional import guide_gradient, register_region_conv_impl
+
+# Tile sizes are rounded up to a multiple of this: the batched matmul runs markedly faster on such widths.
+_TILE_ALIGN = 8
+# Split buckets get tiles of about the mean bucket, but no fewer slots than this (tiny matmuls, a filter copy each).
+_MIN_SPLIT_TILE = 16
+# Elements of gathered patches per chunk of samples: about 4 MB in float32, so a chunk stays in the last-level
+# cache between its gather and its matmul, and a k x k kernel's patches never grow with the batch.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _round_up(value, multiple: int):
+    return (value + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class TileChunk:
+    """Consecutive samples whose tiles (all of ``size`` slots) go through one batched matmul.
+
+    ``samples``, ``buckets``, ``tiles`` and ``slots`` are [first, last) ranges into the batch, its buckets and the
+    flat arrays of :class:`RegionTiles`. ``split`` is False when tile i of the chunk is its bucket i.
+    """
+
+    samples: tuple[int, int]
+    buckets: tuple[int, int]
+    tiles: tuple[int, int]
+    slots: tuple[int, int]
+    size: int
+    split: bool
+
+    @property
+    def tile_count(self) -> int:
+        return self.tiles[1] - self.tiles[0]
+
+
+@dataclass(frozen=True)
+class RegionTiles:
+    """The output positions of a batch grouped by (sample, region) into tiles, tiles grouped into chunks.
+
+    Tiles are ordered by sample, then region. Flat arrays (P = H' * W' positions per sample):
+
+    - ``slot_position`` (slots,): the position (0..P-1, within its sample) each slot computes; 0 on padding.
+    - ``slot_valid`` (slots,): False on the padding slots that fill a bucket's last tile.
+    - ``position_slot`` (B, P): the slot computing each position, counted from its chunk's first slot.
+    - ``tile_sample``, ``tile_bucket`` (tiles,): the sample and the bucket (sample * m + region) of each tile.
+    """
+
+    slot_position: torch.Tensor
+    slot_valid: torch.Tensor
+    position_slot: torch.Tensor
+    tile_sample: torch.Tensor
+    tile_bucket: torch.Tensor
+    chunks: list[TileChunk]
+
+
+def region_argmax(guide: torch.Tensor) -> torch.Tensor:
+    """The selected region at each position, (B, m, H', W') -> (B, H' * W'), ties to the lowest index like argmax.
+
+    A running comparison over the m regions: ``argmax(dim=1)`` is a strided reduction that runs several times slower
+    on CPU than these m elementwise passes.
+    """
+    guide = guide.flatten(2)
+    best = guide[:, 0]
+    index = torch.zeros_like(best, dtype=torch.long)
+    for region in range(1, guide.shape[1]):
+        candidate = guide[:, region]
+        better = candidate > best
+        best = torch.where(better, candidate, best)
+        index.masked_fill_(better, region)
+    return index
+
+
+def tile_positions(mask: torch.Tensor, regions: int, samples_per_chunk: int) -> RegionTiles:
+    """Group the positions of ``mask`` (B, P), region indices in [0, regions), into tiles, chunk by chunk.
+
+    Within a chunk, either each bucket is one tile of T = the chunk's largest bucket (no filter copies; little
+    waste when regions are about equal), or buckets are split into tiles of about the mean bucket (a filter copy
+    per tile; little waste when one region dominates). The layout with fewer slots wins.
+    """
+    batch, positions = mask.shape
+    device = mask.device
+    buckets = batch * regions
+    key = (mask + torch.arange(batch, device=device)[:, None] * regions).flatten()
+    counts = torch.bincount(key, minlength=buckets)
+    sorted_key, order = torch.sort(key, stable=True)
+
+    chunk_of_sample = torch.arange(batch, device=device) // samples_per_chunk
+    chunk_count = -(-batch // samples_per_chunk)
+    per_chunk = torch.zeros(chunk_count, dtype=torch.long, device=device)
+    largest = per_chunk.scatter_reduce(0, chunk_of_sample, counts.view(batch, regions).amax(1), "amax")
+    one_tile_slots = _round_up(largest, _TILE_ALIGN) * per_chunk.scatter_add(
+        0, chunk_of_sample, torch.full_like(chunk_of_sample, regions))
+    split_size = _round_up(max(_MIN_SPLIT_TILE, -(-positions // regions)), _TILE_ALIGN)
+    split_tiles = (counts + split_size - 1) // split_size
+    split_slots = split_size * per_chunk.scatter_add(0, chunk_of_sample, split_tiles.view(batch, regions).sum(1))
+    split = split_slots < one_tile_slots
+    size = torch.where(split, split_size, _round_up(largest, _TILE_ALIGN))
+    split_bucket = split.gather(0, chunk_of_sample)[:, None]
+    tiles_per_bucket = torch.where(split_bucket, split_tiles.view(batch, regions), 1).flatten()
+    chunk_tiles = per_chunk.scatter_add(0, chunk_of_sample, tiles_per_bucket.view(batch, regions).sum(1))
+    chunk_slots = chunk_tiles * size
+
+    first_tile = torch.cumsum(tiles_per_bucket, 0) - tiles_per_bucket
+    chunk_first_tile = torch.cumsum(chunk_tiles, 0) - chunk_tiles
+    chunk_first_slot = torch.cumsum(chunk_slots, 0) - chunk_slots
+    rank = torch.arange(key.numel(), device=device) - (torch.cumsum(counts, 0) - counts).gather(0, sorted_key)
+    chunk = chunk_of_sample.gather(0, sorted_key // regions)
+    slot_size = size.gather(0, chunk)
+    tile_in_chunk = first_tile.gather(0, sorted_key) + rank // slot_size - chunk_first_tile.gather(0, chunk)
+    slot_in_chunk = tile_in_chunk * slot_size + rank % slot_size
+
+    slot_position = torch.full((int(chunk_slots.sum()),), -1, dtype=torch.long, device=device)
+    slot_position.scatter_(0, chunk_first_slot.gather(0, chunk) + slot_in_chunk, order % positions)
+    tile_bucket = torch.repeat_interleave(torch.arange(buckets, device=device), tiles_per_bucket)
+    sizes, tile_counts, splits, first_tiles, first_slots = torch.stack(
+        [size, chunk_tiles, split.long(), chunk_first_tile, chunk_first_slot]).tolist()
+    chunks = [
+        TileChunk(
+            samples=(index * samples_per_chunk, min(batch, (index + 1) * samples_per_chunk)),
+            buckets=(index * samples_per_chunk * regions, min(batch, (index + 1) * samples_per_chunk) * regions),
+            tiles=(first_tiles[index], first_tiles[index] + tile_counts[index]),
+            slots=(first_slots[index], first_slots[index] + tile_counts[index] * sizes[index]),
+            size=sizes[index],
+            split=bool(splits[index]),
+        )
+        for index in range(chunk_count)
+    ]
+    return RegionTiles(
+        slot_valid=slot_position >= 0,
+        slot_position=slot_position.clamp_(min=0),
+        position_slot=torch.empty_like(slot_in_chunk).scatter_(0, order, slot_in_chunk).view(batch, positions),
+        tile_sample=tile_bucket // regions,
+        tile_bucket=tile_bucket,
+        chunks=chunks,
+    )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where the patch of each output position lies in the flattened padded input (B, C, Hp * Wp)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    input_size: tuple[int, int]
+    offsets: torch.Tensor  # (kh * kw,) of each kernel tap from the patch's top-left corner, in filter order
+    position_base: torch.Tensor  # (P,) the patch's top-left corner of each output position
+
+    @classmethod
+    def of(cls, x, guide, filters, stride, padding, dilation) -> "_Geometry":
+        kernel = tuple(filters.shape[-2:])
+        padded_width = x.shape[-1] + 2 * padding[1]
+        device = x.device
+        rows = torch.arange(kernel[0], device=device)[:, None] * dilation[0] * padded_width
+        offsets = (rows + torch.arange(kernel[1], device=device) * dilation[1]).flatten()
+        out_rows = torch.arange(guide.shape[-2], device=device)[:, None] * stride[0] * padded_width
+        position_base = (out_rows + torch.arange(guide.shape[-1], device=device) * stride[1]).flatten()
+        return cls(kernel, stride, padding, dilation, tuple(x.shape[-2:]), offsets, position_base)
+
+    @property
+    def conv_args(self):
+        return self.stride, self.padding, self.dilation
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) zero-padded and flattened to (B, C, Hp * Wp)."""
+        pad_h, pad_w = self.padding
+        if pad_h or pad_w:
+            x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+        return x.contiguous().flatten(2)
+
+    @property
+    def is_pointwise(self) -> bool:
+        """True when patches are the input itself: a 1x1 kernel, stride 1, no padding."""
+        return self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """Patches of every output position, (B, C, H, W) -> (B, C * kh * kw, P) in filter order."""
+        if self.is_pointwise:
+            return x.flatten(2)
+        return F.unfold(x, self.kernel, self.dilation, self.padding, self.stride)
+
+    def fold(self, columns: torch.Tensor) -> torch.Tensor:
+        """Sum per-position patch gradients (B, C * kh * kw, P) back onto the input (B, C, H, W)."""
+        if self.is_pointwise:
+            return columns.view(columns.shape[0], -1, *self.input_size)
+        return F.fold(columns, self.input_size, self.kernel, self.dilation, self.padding, self.stride)
+
+
+def _gather_columns(source, tiles: RegionTiles, chunk: TileChunk, offsets, position_base=None):
+    """Columns of ``source`` (B, R, L) in the tile order of ``chunk``: (tiles, R * K, T), where column s of tile t
+    holds ``source[sample(t), :, base(s) + offsets[k]]`` for each of the K offsets (R-major, like a filter).
+
+    ``base`` is ``position_base`` of the slot's position (the position itself when None). One gather reads all the
+    chunk's samples: the strided view below reaches ``source[b, r, l]`` at column ``b * R * L + l`` of row r.
+    """
+    batch, rows, length = source.shape
+    first, last = chunk.tiles
+    base = tiles.slot_position[chunk.slots[0]:chunk.slots[1]]
+    if position_base is not None:
+        base = position_base.gather(0, base)
+    base = base.view(chunk.tile_count, 1, chunk.size) + (tiles.tile_sample[first:last] * (rows * length))[:, None, None]
+    index = (base + offsets[:, None]).view(chunk.tile_count, 1, -1)
+    every_sample = source.as_strided(
+        (chunk.tile_count, rows, batch * rows * length - (rows - 1) * length), (0, length, 1))
+    columns = torch.gather(every_sample, 2, index.expand(-1, rows, -1))
+    return columns.view(chunk.tile_count, rows * len(offsets), chunk.size)
+
+
+def _scatter_columns(tiled, position_slot, out=None):
+    """Inverse of the tiling: ``tiled`` (tiles, R, T) back to position order (B, R, P) for the chunk's samples,
+    given their slots ``position_slot`` (B, P) counted from the chunk's first slot."""
+    tile_count, rows, size = tiled.shape
+    index = (position_slot // size) * (rows * size) + position_slot % size
+    every_tile = tiled.as_strided((position_slot.shape[0], rows, (tile_count - 1) * rows * size + size), (0, size, 1))
+    return torch.gather(every_tile, 2, index[:, None].expand(-1, rows, -1), out=out)
+
+
+def _chunk_filters(filters_flat, tiles: RegionTiles, chunk: TileChunk):
+    """The filter (O, C * kh * kw) of each tile of ``chunk``: a view of ``filters_flat`` unless buckets were split."""
+    if chunk.split:
+        return filters_flat.index_select(0, tiles.tile_bucket[chunk.tiles[0]:chunk.tiles[1]])
+    return filters_flat[chunk.buckets[0]:chunk.buckets[1]]
+
+
+def _samples_per_chunk(elements_per_sample: int, batch: int) -> int:
+    return max(1, min(batch, _CHUNK_ELEMENTS // max(1, elements_per_sample)))
+
+
+@register_region_conv_impl("fast")
+class RegionConv2dFast(torch.autograd.Function):
+    """Bucketed implementation: a convolution's multiply-adds forward, exact gradients for ``x`` and ``filters``.
+
+    Beyond its output, the forward holds one chunk's gathered patches and tiled output (about 4 MB in float32) and
+    the tiling's index arrays (a few int64 per output position), plus a padded copy of the input when padding > 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x, guide, filters, stride, padding, dilation):
+        batch, regions, out_channels = filters.shape[:3]
+        geometry = _Geometry.of(x, guide, filters, stride, padding, dilation)
+        filters_flat = filters.reshape(batch * regions, out_channels, -1)
+        positions = guide.shape[-2] * guide.shape[-1]
+        per_chunk = _samples_per_chunk(filters_flat.shape[-1] * positions, batch)
+        tiles = tile_positions(region_argmax(guide), regions, per_chunk)
+        source = geometry.padded(x)
+
+        out = x.new_empty(batch, out_channels, positions)
+        for chunk in tiles.chunks:
+            patches = _gather_columns(source, tiles, chunk, geometry.offsets, geometry.position_base)
+            tiled = torch.bmm(_chunk_filters(filters_flat, tiles, chunk), patches)
+            first, last = chunk.samples
+            _scatter_columns(tiled, tiles.position_slot[first:last], out=out[first:last])
+
+        ctx.save_for_backward(x, guide, filters)
+        ctx.tiles, ctx.geometry = tiles, geometry
+        return out.view(batch, out_channels, *guide.shape[-2:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, guide, filters = ctx.saved_tensors
+        need_x, need_guide, need_filters = ctx.needs_input_grad[:3]
+        grad_out = grad_out.contiguous().flatten(2)  # (B, O, P)
+        grad_x, grad_filters = _exact_gradients(ctx.tiles, ctx.geometry, x, filters, grad_out, need_x, need_filters)
+        grad_guide = None
+        if need_guide:
+            grad_guide = guide_gradient(guide, _region_scores(ctx.geometry, x, filters, grad_out).view_as(guide))
+        return grad_x, grad_guide, grad_filters, None, None, None
+
+
+def _exact_gradients(tiles, geometry, x, filters, grad_out, need_x, need_filters):
+    """Gradients of ``x`` and ``filters`` (None where not needed), through the forward's tiles."""
+    if not (need_x or need_filters):
+        return None, None
+    batch, regions, out_channels = filters.shape[:3]
+    filters_flat = filters.reshape(batch * regions, out_channels, -1)
+    source = geometry.padded(x) if need_filters else None
+    no_offset = torch.zeros(1, dtype=torch.long, device=x.device)
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_filters = torch.zeros_like(filters_flat) if need_filters else None
+    for chunk in tiles.chunks:
+        first, last = chunk.samples
+        tiled_grad = _gather_columns(grad_out, tiles, chunk, no_offset)  # (tiles, O, T)
+        valid = tiles.slot_valid[chunk.slots[0]:chunk.slots[1]].view(chunk.tile_count, 1, chunk.size)
+        # Padding slots must not add to the filters' gradient. Multiplying by the mask is several times faster than
+        # masked_fill; it differs only where grad_out is not finite, whose gradients are lost anyway.
+        tiled_grad.mul_(valid.to(tiled_grad.dtype))
+        if need_filters:
+            patches = _gather_columns(source, tiles, chunk, geometry.offsets, geometry.position_base)
+            if chunk.split:
+                grad_tiles = torch.bmm(tiled_grad, patches.transpose(1, 2))
+                grad_filters.index_add_(0, tiles.tile_bucket[chunk.tiles[0]:chunk.tiles[1]], grad_tiles)
+            else:
+                torch.bmm(tiled_grad, patches.transpose(1, 2), out=grad_filters[chunk.buckets[0]:chunk.buckets[1]])
+        if need_x:
+            tiled_patch_grad = torch.bmm(_chunk_filters(filters_flat, tiles, chunk).transpose(1, 2), tiled_grad)
+            grad_x[first:last] = geometry.fold(_scatter_columns(tiled_patch_grad, tiles.position_slot[first:last]))
+    return grad_x, grad_filters.view_as(filters) if need_filters else None
+
+
+def _region_scores(geometry, x, filters, grad_out):
+    """g of Eq. 7, (B, m, P): for each region j, the sum over output channels of grad_out times the output that
+    filter j gives at each position. Every region's output is one batched matmul of the stacked filters with the
+    patches, a chunk of samples at a time (a convolution with the batch folded into groups is far slower on CPU)."""
+    batch, regions, out_channels = filters.shape[:3]
+    positions = grad_out.shape[-1]
+    scores = grad_out.new_empty(batch, regions, positions)
+    per_chunk = _samples_per_chunk(regions * out_channels * positions, batch)
+    for first in range(0, batch, per_chunk):
+        chunk = slice(first, first + per_chunk)
+        every = torch.bmm(filters[chunk].flatten(3).flatten(1, 2), geometry.unfold(x[chunk]))
+        every = every.view(-1, regions, out_channels, positions)
+        scores[chunk] = (every * grad_out[chunk, None]).sum(2)
+    return scores
