@@ -3,11 +3,11 @@
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from drbench.cli import app
 from drbench.measure.complexity import complexity
+from drbench.measure.timing import fixed_threads
 from drbench.models import create_model
 
 runner = CliRunner()
@@ -16,10 +16,8 @@ runner = CliRunner()
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Counting does not depend on threads; on a shared 2-core machine, threads contend and slow tracing down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with fixed_threads(1):
+        yield
 
 
 def test_json_is_one_object_with_the_counts_and_the_arguments():

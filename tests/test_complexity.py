@@ -19,17 +19,17 @@ import torch
 import torch.nn as nn
 
 from drbench.measure.complexity import Complexity, complexity
+from drbench.measure.timing import fixed_threads
 from drbench.models import create_model
 from drbench.ops import CondConv2d, DRConv2d, LocalConv2d
+from drbench.ops.functional import region_conv_impls
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Counting does not depend on threads; on a shared 2-core machine, threads contend and slow tracing down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with fixed_threads(1):
+        yield
 
 
 def slow(*values):
@@ -131,6 +131,13 @@ def test_drconv_counts_the_selected_filter_conv_guide_and_generator():
     assert cost.macs == selected_conv + guide + generator
     # The reference implementation computes every region's output: m times the selected-filter conv.
     assert cost.executed_flops == 2 * (m * selected_conv + guide + generator)
+
+
+@pytest.mark.parametrize("impl", region_conv_impls())
+def test_every_region_conv_implementation_counts_the_same_algorithmic_cost(impl):
+    layer = DRConv2d(6, 5, 3, padding=1, regions=4, impl=impl)
+    reference = DRConv2d(6, 5, 3, padding=1, regions=4, impl="reference")
+    assert count(layer, (6, 8, 8), batch_size=2).macs == count(reference, (6, 8, 8), batch_size=2).macs
 
 
 @pytest.mark.parametrize("groups", [1, 3])

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from drbench.measure.timing import fixed_threads
 from drbench.models import create_model, list_models, make_divisible, replace_convs
 from drbench.ops import CondConv2d, DRConv2d, LocalConv2d
 
@@ -14,10 +15,8 @@ SMALLEST_WIDTH = {"shufflenetv2": 0.5, "mobilenetv2": 0.25, "mobilenetv1": 0.25,
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These small forward passes gain nothing from threads; on a shared 2-core machine, threads contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with fixed_threads(1):
+        yield
 
 
 def count_params(model: nn.Module) -> int:

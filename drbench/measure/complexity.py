@@ -3,8 +3,8 @@
 ``macs`` follows the convention of the DRConv, ShuffleNetV2 and MobileNet papers: one per multiply-add of the
 convolutions and fully connected layers (matrix products included), counted by fvcore's ``FlopCountAnalysis``.
 BatchNorm, activations, pooling and element-wise arithmetic are not counted (:data:`NOT_COUNTED_OPS`, given
-explicit handles that count nothing); an operator with no rule at all is listed in ``unsupported_ops`` and warned about, never dropped
-silently. drbench's own operators count their algorithmic cost:
+explicit handles that count nothing); an operator with no rule at all is listed in ``unsupported_ops`` and warned
+about, never dropped silently. drbench's own operators count their algorithmic cost:
 
 - DRConv: the selected-filter convolution (one filter per position, as a standard convolution costs), plus the
   guided-mask convolution and the filter generator (ordinary convolutions, counted as such). Never the m-fold

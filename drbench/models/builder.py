@@ -195,22 +195,12 @@ class LayerBuilder:
         return layer
 
     def conv_bn_act(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int = 1,
-        *,
-        groups: int = 1,
-        padding: int | tuple[int, int] | None = None,
-        act: Activation | None = relu,
-        tags: tuple[str, ...] = (),
+        self, in_channels: int, out_channels: int, kernel_size, stride: int = 1, *, act: Activation | None = relu,
+        **conv_options,
     ) -> nn.Sequential:
-        """Convolution (no bias), BatchNorm, then ``act(out_channels)`` unless ``act`` is None."""
-        layers = [
-            self.conv(in_channels, out_channels, kernel_size, stride, groups=groups, padding=padding, tags=tags),
-            nn.BatchNorm2d(out_channels),
-        ]
+        """:meth:`conv` (same options), BatchNorm, then ``act(out_channels)`` unless ``act`` is None."""
+        conv = self.conv(in_channels, out_channels, kernel_size, stride, **conv_options)
+        layers = [conv, nn.BatchNorm2d(out_channels)]
         if act is not None:
             layers.append(act(out_channels))
         return nn.Sequential(*layers)
