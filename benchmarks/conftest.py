@@ -1,7 +1,7 @@
 """Shared set-up of drbench's pytest-benchmark microbenchmarks.
 
 - ``--bench-device cpu|cuda|auto`` (default auto: CUDA when available) chooses the device; the ``device`` fixture
-  holds it.
+  holds it. ``--bench-threads N`` fixes torch's thread count (default: torch's own).
 - ``timed(fn)`` (a fixture) makes the callable that pytest-benchmark should time: on CUDA it synchronises after the
   call, so each timed call includes the kernels it launched (they run asynchronously), and the timer starts
   after the previous call's kernels have finished.
@@ -15,17 +15,27 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
 
 from drbench.environment import git_state
+from drbench.measure.timing import fixed_threads
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--bench-device", default="auto", choices=("auto", "cpu", "cuda"),
                      help="device of drbench's microbenchmarks (auto: cuda when available)")
+    parser.addoption("--bench-threads", type=int, default=0,
+                     help="torch intra-op threads for the microbenchmarks (0: torch's default)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bench_threads(pytestconfig: pytest.Config) -> Iterator[int]:
+    """Every benchmark runs with ``--bench-threads`` torch threads (recorded in the machine info)."""
+    with fixed_threads(pytestconfig.getoption("--bench-threads")) as threads:
+        yield threads
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +70,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     commit, dirty = git_state()
     machine_info.update(
         torch_version=torch.__version__,
-        torch_threads=torch.get_num_threads(),
+        torch_threads=config.getoption("--bench-threads") or torch.get_num_threads(),
         cuda_version=torch.version.cuda,
         cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         gpu_name=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -28,7 +28,9 @@ threshold" ``t`` means ``ratio > 1 + t`` or ``ratio < 1 / (1 + t)``, symmetric i
   Identical seeds on both sides (a deterministic trainer) make any difference count; with a single seed per side
   the spread is unknown and the threshold rule applies.
 
-A cell that fails on one side and not on the other counts as a regression (fails now) or an improvement (failed
+Several runs of a cell on one side (``drbench run --force`` again, or a folder holding several run files) are
+replicates: their observations are pooled, so between-run drift widens the spread the test sees. A cell with no
+successful run on one side and one on the other counts as a regression (fails now) or an improvement (failed
 before); a cell measured on one side only is reported as such and is not a regression.
 """
 
@@ -323,12 +325,12 @@ class Side:
         """Distinct commits of the records, dirty ones marked ``+`` (uncommitted changes)."""
         return sorted({commit_label(r.get("env", {})) for r in self.records})
 
-    def latest_by_cell(self) -> dict[str, dict]:
-        """config hash -> the most recent record of that cell."""
-        latest: dict[str, dict] = {}
+    def by_cell(self) -> dict[str, list[dict]]:
+        """config hash -> that cell's records, oldest first."""
+        cells: dict[str, list[dict]] = {}
         for record in sorted(self.records, key=record_time):
-            latest[record["config_hash"]] = record
-        return latest
+            cells.setdefault(record["config_hash"], []).append(record)
+        return cells
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "records": len(self.records),
@@ -504,7 +506,7 @@ def format_p(p_value: float | None) -> str:
 
 def compare(baseline: Side, current: Side, *, threshold: float = DEFAULT_THRESHOLD,
             metrics: Sequence[str] | None = None) -> Comparison:
-    """Compare the latest record of each cell on both sides (see the module docstring for the rules)."""
+    """Compare each cell's observations on both sides (see the module docstring for the rules)."""
     if threshold < 0:
         raise CompareError(f"threshold must be at least 0, got {threshold}")
     available = metrics_in(baseline.records + current.records)
@@ -512,12 +514,12 @@ def compare(baseline: Side, current: Side, *, threshold: float = DEFAULT_THRESHO
     missing = [m for m in chosen if m not in available]
     if missing:
         raise CompareError(f"metric {', '.join(missing)} is on neither side; measured: {', '.join(available)}")
-    base_cells, cur_cells = baseline.latest_by_cell(), current.latest_by_cell()
+    base_cells, cur_cells = baseline.by_cell(), current.by_cell()
     rows: list[CellComparison] = []
     failed_both = 0
     for key in sorted(base_cells.keys() | cur_cells.keys()):
-        base, cur = base_cells.get(key), cur_cells.get(key)
-        if base is not None and cur is not None and base["status"] != "ok" and cur["status"] != "ok":
+        base, cur = base_cells.get(key, []), cur_cells.get(key, [])
+        if base and cur and not _successful(base) and not _successful(cur):
             failed_both += 1
             continue
         rows += _compare_cell(base, cur, chosen, threshold)
@@ -530,17 +532,16 @@ def compare(baseline: Side, current: Side, *, threshold: float = DEFAULT_THRESHO
                       tuple(environment_differences(baseline, current)), tuple(notes))
 
 
-def _compare_cell(base: dict | None, cur: dict | None, metrics: Sequence[str],
+def _compare_cell(base: list[dict], cur: list[dict], metrics: Sequence[str],
                   threshold: float) -> list[CellComparison]:
-    any_record = base if base is not None else cur
-    key, label = any_record["config_hash"], cell_label(any_record["config"])
+    first = (base or cur)[0]
+    key, label = first["config_hash"], cell_label(first["config"])
     rows = []
     for metric in metrics:
         rule = rule_for(metric)
-        base_obs = rule.read(base["metrics"]) if base is not None and base["status"] == "ok" else None
-        cur_obs = rule.read(cur["metrics"]) if cur is not None and cur["status"] == "ok" else None
-        if base_obs is None and cur_obs is None:
-            continue
+        base_obs, cur_obs = _pooled(rule, base), _pooled(rule, cur)
+        if base_obs is None and cur_obs is None and _successful(base + cur):
+            continue  # a metric this cell does not have
         decision = _decide(rule, base, cur, base_obs, cur_obs, threshold)
         rows.append(CellComparison(
             key, label, metric, decision.verdict,
@@ -550,14 +551,24 @@ def _compare_cell(base: dict | None, cur: dict | None, metrics: Sequence[str],
     return rows
 
 
-def _decide(rule: MetricRule, base: dict | None, cur: dict | None, base_obs: list[float] | None,
+def _successful(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def _pooled(rule: MetricRule, records: list[dict]) -> list[float] | None:
+    """The observations of every successful run of a cell together (runs of one side are replicates)."""
+    pooled = [value for record in _successful(records) for value in rule.read(record["metrics"]) or ()]
+    return pooled or None
+
+
+def _decide(rule: MetricRule, base: list[dict], cur: list[dict], base_obs: list[float] | None,
             cur_obs: list[float] | None, threshold: float) -> Decision:
     if base_obs is not None and cur_obs is not None:
         return rule.judge(base_obs, cur_obs, threshold)
-    if cur is not None and cur["status"] != "ok":
-        return Decision(Verdict.REGRESSED, None, None, f"fails now: {cur['error']}")
-    if base is not None and base["status"] != "ok":
-        return Decision(Verdict.IMPROVED, None, None, f"failed before: {base['error']}")
+    if cur and not _successful(cur):
+        return Decision(Verdict.REGRESSED, None, None, f"fails now: {cur[-1]['error']}")
+    if base and not _successful(base):
+        return Decision(Verdict.IMPROVED, None, None, f"failed before: {base[-1]['error']}")
     if cur_obs is None:
         return Decision(Verdict.ONLY_BASELINE, None, None, "not measured in current")
     return Decision(Verdict.ONLY_CURRENT, None, None, "not measured in baseline")

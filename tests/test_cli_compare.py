@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -139,15 +138,19 @@ def test_the_same_suite_measured_twice_is_not_a_regression_and_doubled_conv_work
 def test_threads_1_against_threads_2_is_flagged_from_the_command_line(tmp_path):
     """The issue's check as a new user runs it: the same suite with --threads 2, then --threads 1.
 
-    Needs two otherwise idle cores: on an oversubscribed machine two threads can be slower than one."""
+    On two idle cores one thread is the slower side (a regression, exit 1). On an oversubscribed machine two
+    threads can be many times slower than one (OpenMP threads wait for descheduled siblings): the change must
+    then be flagged as an improvement. Either way it is flagged, and the exit code follows its direction."""
     suite = tmp_path / "tiny.yaml"
     suite.write_text(TINY_SUITE.replace("input_size: 32, batch_size: 4", "input_size: 64, batch_size: 8"))
-    drbench = [str(Path(sys.executable).parent / "drbench")]
+    drbench = str(Path(sys.executable).parent / "drbench")
     for threads in (2, 1):
-        subprocess.run([*drbench, "run", str(suite), "--results-dir", str(tmp_path / f"t{threads}"),
-                        "--threads", str(threads), "--device", "cpu"], check=True, capture_output=True,
-                       env={**os.environ, "COLUMNS": "200"})
-    result = subprocess.run([*drbench, "compare", str(tmp_path / "t2"), str(tmp_path / "t1")], capture_output=True,
-                            text=True, env={**os.environ, "COLUMNS": "200"})
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "threads differs: 2 (baseline) vs 1 (current)" in result.stdout
+        subprocess.run([drbench, "run", str(suite), "--results-dir", str(tmp_path / f"t{threads}"), "--threads",
+                        str(threads), "--device", "cpu"], check=True, capture_output=True)
+    result = subprocess.run([drbench, "compare", str(tmp_path / "t2"), str(tmp_path / "t1"), "--format", "json"],
+                            capture_output=True, text=True)
+    data = json.loads(result.stdout)
+    assert data["environment_differences"] == ["threads differs: 2 (baseline) vs 1 (current)"]
+    verdicts = {cell["verdict"] for cell in data["cells"]}
+    assert verdicts in ({"regressed"}, {"improved"}), data["cells"]
+    assert result.returncode == (1 if verdicts == {"regressed"} else 0)

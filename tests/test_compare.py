@@ -177,15 +177,17 @@ def test_cells_are_matched_by_configuration_whatever_the_environment():
     assert [c.metric for c in comparison.regressed] == ["latency"]
 
 
-def test_the_latest_record_of_a_cell_is_compared_and_a_cell_that_now_fails_is_a_regression():
+def test_runs_of_a_cell_are_pooled_and_a_cell_that_now_fails_is_a_regression():
     rng = random.Random(5)
-    base = [make_record(CONV, latency=timings(rng, 0.5, 20), started="2025-01-01T00:00:00+00:00"),
-            make_record(CONV, latency=timings(rng, 0.010, 20), started="2025-01-02T00:00:00+00:00")]
+    base = [make_record(CONV, latency=timings(rng, 0.010, 20), started="2025-01-01T00:00:00+00:00"),
+            make_record(CONV, latency=timings(rng, 0.011, 20), started="2025-01-02T00:00:00+00:00")]
     cur = [make_record(CONV, error="RuntimeError: out of memory")]
-    comparison = compare(side("base", base), side("cur", cur))
-    (row,) = comparison.cells
-    assert row.baseline == pytest.approx(0.010, rel=0.1)
+    (row,) = compare(side("base", base), side("cur", cur)).cells
+    assert row.baseline_n == 40 and 0.010 < row.baseline < 0.011
     assert row.verdict is Verdict.REGRESSED and "out of memory" in row.rule
+    (fixed,) = compare(side("cur", cur), side("base", base)).cells
+    assert fixed.verdict is Verdict.IMPROVED and "failed before" in fixed.rule
+    assert compare(side("a", cur), side("b", cur)).notes == ("1 cells failed on both sides (not compared)",)
 
 
 def test_outputs_for_tools_and_pull_requests():
