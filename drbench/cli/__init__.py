@@ -1,5 +1,6 @@
 """Command-line interface: ``drbench --help``. Each command module registers itself on :data:`app`."""
 
+from drbench.cli import compare  # noqa: F401  (registers commands)
 from drbench.cli import ops  # noqa: F401  (registers commands)
 from drbench.cli import profile  # noqa: F401  (registers commands)
 from drbench.cli import run  # noqa: F401  (registers commands)
