@@ -3,6 +3,7 @@
 >>> from drbench.measure import time_callable, forward_peak_memory
 """
 
+from drbench.measure.complexity import Complexity, LayerComplexity, complexity
 from drbench.measure.memory import MemoryMeasurement, forward_peak_memory
 from drbench.measure.timing import (
     LatencyMeasurement,
@@ -14,8 +15,11 @@ from drbench.measure.timing import (
 )
 
 __all__ = [
+    "Complexity",
+    "LayerComplexity",
     "LatencyMeasurement",
     "MemoryMeasurement",
+    "complexity",
     "fixed_threads",
     "forward_latency",
     "forward_peak_memory",
