@@ -30,13 +30,20 @@ def test_synthetic_is_a_pure_function_of_the_seed():
     assert not torch.equal(first.images, other.images)
 
 
+def test_synthetic_small_sets_are_prefixes_of_large_ones():
+    large = synthetic.generate(510, seed=2)  # two chunks
+    for count in (7, 505):
+        small = synthetic.generate(count, seed=2)
+        assert torch.equal(small.images, large.images[:count]) and torch.equal(small.labels, large.labels[:count])
+    assert torch.bincount(large.labels[:500], minlength=10).tolist() == [50] * 10  # balanced within a chunk
+
+
 def test_synthetic_splits_are_distinct_and_well_formed():
-    train = get_dataset("synthetic", split="train", seed=0, num_images=100)
-    test = get_dataset("synthetic", split="test", seed=0, num_images=100)
+    train = get_dataset("synthetic", split="train", seed=0, limit=100)
+    test = get_dataset("synthetic", split="test", seed=0, limit=100)
     assert train.images.shape == (100, 3, 32, 32) and train.images.dtype == torch.uint8
-    assert not torch.equal(train.images, test.images)
+    assert len(test) == 100 and not torch.equal(train.images, test.images)
     assert train.num_classes == 10 and train.hflip
-    assert torch.bincount(train.labels, minlength=10).tolist() == [10] * 10  # balanced
 
 
 def test_synthetic_default_sizes():
@@ -148,6 +155,7 @@ def test_cifar10_reads_the_python_pickle_folder(tmp_path):
     assert torch.equal(train.images[0, 2].flatten(), torch.from_numpy(first_data[0, 2048:]))
     assert train.labels[:2].tolist() == first_labels and test.labels.tolist() == test_labels
     assert train.classes[3] == "class3" and train.num_classes == 10
+    assert torch.equal(get_dataset("cifar10", folder, split="train", limit=3).images, train.images[:3])
 
 
 def test_cifar100_uses_fine_labels(tmp_path):

@@ -79,13 +79,20 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 
 
 def get_dataset(
-    name: str, data_path: str | Path | None = None, split: str = "train", seed: int = 0, **options
+    name: str,
+    data_path: str | Path | None = None,
+    split: str = "train",
+    seed: int = 0,
+    *,
+    limit: int | None = None,
+    **options,
 ) -> ImageDataset:
     """Load split ``split`` ("train" or "test", the held-out split) of data set ``name``.
 
     ``data_path`` is the folder of data sets read from disk (ignored by the embedded ones); ``seed`` fixes
-    whatever the loader draws at random (the synthetic images, a held-out split). Nothing is ever downloaded.
-    Results are cached, so a suite that trains several models on one data set reads it once.
+    whatever the loader draws at random (the synthetic images, a held-out split). ``limit`` keeps the first
+    ``limit`` images; a data set that generates its images (one with a ``num_images`` option) makes only those.
+    Nothing is ever downloaded. Results are cached, so a suite that trains several models reads its data once.
     """
     spec = get_dataset_spec(name)
     if split not in SPLITS:
@@ -100,7 +107,9 @@ def get_dataset(
         data_path = Path(data_path).expanduser().resolve()
     else:
         data_path = None
-    return _load(spec, data_path, split, seed, tuple(sorted(options.items())))
+    if limit is not None and "num_images" in spec.options:
+        options["num_images"] = min(limit, options.get("num_images") or limit)
+    return _load(spec, data_path, split, seed, tuple(sorted(options.items()))).take(limit)
 
 
 @lru_cache(maxsize=4)

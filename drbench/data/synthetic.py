@@ -18,8 +18,8 @@ data set seed and the split):
 
 The label is (shape, stripe orientation): 5 x 2 = 10 balanced classes. Colour carries no information, and both
 stripe orientations appear in the clutter, so a model must find the object and read the texture *inside* it.
-The held-out "test" split is drawn from the same distribution with a different generator stream, so no image is
-shared. A horizontal flip keeps every label (all shapes and orientations are mirror-symmetric in distribution).
+The held-out "test" split is drawn from the same distribution with other generator seeds, so no image is shared.
+The first n images of a set are the same whatever its size, so a small run trains on a prefix of a large one. A horizontal flip keeps every label (all shapes and orientations are mirror-symmetric in distribution).
 
 >>> data = generate(20, seed=0)
 >>> data.images.shape, data.classes[:2]
@@ -58,17 +58,22 @@ def load_synthetic(path: Path | None, split: str, seed: int, num_images: int | N
 
 
 def generate(num_images: int, seed: int, split: str = "train") -> ImageDataset:
-    """``num_images`` images with balanced labels, a pure function of ``(num_images, seed)``."""
+    """``num_images`` images, a pure function of the seed: the first n of a larger set are the same images.
+
+    Images are made in chunks of 500, each from its own generator seeded by (seed, chunk), with balanced labels
+    within each chunk; rendering a chunk at a time also keeps the working set in cache.
+    """
     if num_images < 1:
         raise ValueError(f"synthetic: num_images must be at least 1, got {num_images}")
-    generator = torch.Generator().manual_seed(seed)
-    n = num_images
-    labels = (torch.arange(n) % len(CLASSES))[torch.randperm(n, generator=generator)]
-    scene = _draw_scenes(labels, generator)
-    chunks = [
-        _render(scene, slice(start, start + _CHUNK), generator) for start in range(0, n, _CHUNK)
-    ]  # rendering a chunk at a time keeps the working set in cache: several times faster than all at once
-    return ImageDataset("synthetic", split, torch.cat(chunks), labels, CLASSES, hflip=True)
+    images, labels = [], []
+    for chunk in range(math.ceil(num_images / _CHUNK)):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+        chunk_labels = (torch.arange(_CHUNK) % len(CLASSES))[torch.randperm(_CHUNK, generator=generator)]
+        images.append(_render(_draw_scenes(chunk_labels, generator), generator))
+        labels.append(chunk_labels)
+    return ImageDataset(
+        "synthetic", split, torch.cat(images)[:num_images], torch.cat(labels)[:num_images], CLASSES, hflip=True
+    )
 
 
 _CHUNK = 500
@@ -104,9 +109,8 @@ def _draw_scenes(labels: torch.Tensor, generator: torch.Generator) -> dict[str, 
     }
 
 
-def _render(scene: dict[str, torch.Tensor], chunk: slice, generator: torch.Generator) -> torch.Tensor:
-    """uint8 (n, 3, H, W) images of the scenes in ``chunk``."""
-    s = {key: value[chunk] for key, value in scene.items()}
+def _render(s: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """uint8 (n, 3, H, W) images of the scenes ``s``; the pixel noise comes from ``generator``."""
     n = s["shape"].shape[0]
     rows, cols = _pixel_grid()
 

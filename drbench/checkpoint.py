@@ -1,0 +1,77 @@
+"""Checkpoints of trained models that carry what it takes to rebuild them.
+
+A checkpoint is one ``torch.save`` file holding plain data only (so ``torch.load(..., weights_only=True)`` reads
+it): the state dict, the keyword arguments of :func:`drbench.models.create_model` that built the model, the
+input normalisation it was trained with, where its data came from (the arguments of
+:func:`drbench.data.get_dataset`) and the training result.
+
+>>> checkpoint = load_checkpoint("model.pt")  # doctest: +SKIP
+>>> model = checkpoint.build_model()          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from drbench.data import Normalization
+
+FORMAT = "drbench-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, or not one drbench wrote."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """``model_config`` rebuilds the model; ``data`` reloads its data set with ``get_dataset(**data, split=...)``."""
+
+    model_config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    normalization: Normalization
+    data: dict[str, Any]
+    result: dict[str, Any]
+
+    def build_model(self) -> nn.Module:
+        """The trained model, in eval mode, on the CPU."""
+        from drbench.models import create_model
+
+        model = create_model(**self.model_config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content = {**asdict(self), "format": FORMAT, "normalization": self.normalization.to_dict()}
+        torch.save(content, path)
+        return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :meth:`Checkpoint.save`, with ``weights_only=True`` (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file or foreign pickle fails in many ways: name the file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a drbench checkpoint (expected format {FORMAT!r})")
+    missing = {"model_config", "state_dict", "normalization", "data", "result"} - content.keys()
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(sorted(missing))}")
+    stats = content["normalization"]
+    return Checkpoint(
+        model_config=content["model_config"],
+        state_dict=content["state_dict"],
+        normalization=Normalization(tuple(stats["mean"]), tuple(stats["std"])),
+        data=content["data"],
+        result=content["result"],
+    )
