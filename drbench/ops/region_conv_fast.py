@@ -33,8 +33,9 @@ from drbench.ops.functional import guide_gradient, register_region_conv_impl
 _TILE_ALIGN = 8
 # Split buckets get tiles of about the mean bucket, but no fewer slots than this (tiny matmuls, a filter copy each).
 _MIN_SPLIT_TILE = 16
-# Elements of gathered patches per chunk of samples: about 4 MB in float32, so a chunk stays in the last-level
-# cache between its gather and its matmul, and a k x k kernel's patches never grow with the batch.
+# Most elements of gathered patches at once: about 4 MB in float32, so they are still in the last-level cache when
+# the matmul reads them. Smaller inputs get less: at most half their input and output, which keeps the forward's
+# extra memory within a small multiple of its input and output, however large the kernel.
 _CHUNK_ELEMENTS = 1 << 20
 
 
@@ -216,24 +217,25 @@ class _Geometry:
         return F.fold(columns, self.input_size, self.kernel, self.dilation, self.padding, self.stride)
 
 
-def _gather_columns(source, tiles: RegionTiles, chunk: TileChunk, offsets, position_base=None):
-    """Columns of ``source`` (B, R, L) in the tile order of ``chunk``: (tiles, R * K, T), where column s of tile t
-    holds ``source[sample(t), :, base(s) + offsets[k]]`` for each of the K offsets (R-major, like a filter).
+def _gather_columns(source, tiles: RegionTiles, chunk: TileChunk, part, offsets=None, position_base=None):
+    """Columns of ``source`` (B, R, L) in tile order for the tiles ``part`` (a [first, last) range within ``chunk``):
+    (tiles, R * K, T), where column s of tile t holds ``source[sample(t), :, base(s) + offsets[k]]`` for each of
+    the K offsets (R-major, like a filter; one zero offset when None).
 
     ``base`` is ``position_base`` of the slot's position (the position itself when None). One gather reads all the
-    chunk's samples: the strided view below reaches ``source[b, r, l]`` at column ``b * R * L + l`` of row r.
+    samples: the strided view below reaches ``source[b, r, l]`` at column ``b * R * L + l`` of row r.
     """
     batch, rows, length = source.shape
-    first, last = chunk.tiles
-    base = tiles.slot_position[chunk.slots[0]:chunk.slots[1]]
+    first, last = chunk.tiles[0] + part[0], chunk.tiles[0] + part[1]
+    count = last - first
+    base = tiles.slot_position[chunk.slots[0] + part[0] * chunk.size:chunk.slots[0] + part[1] * chunk.size]
     if position_base is not None:
         base = position_base.gather(0, base)
-    base = base.view(chunk.tile_count, 1, chunk.size) + (tiles.tile_sample[first:last] * (rows * length))[:, None, None]
-    index = (base + offsets[:, None]).view(chunk.tile_count, 1, -1)
-    every_sample = source.as_strided(
-        (chunk.tile_count, rows, batch * rows * length - (rows - 1) * length), (0, length, 1))
+    base = base.view(count, 1, chunk.size) + (tiles.tile_sample[first:last] * (rows * length))[:, None, None]
+    index = base if offsets is None else (base + offsets[:, None]).view(count, 1, -1)
+    every_sample = source.as_strided((count, rows, batch * rows * length - (rows - 1) * length), (0, length, 1))
     columns = torch.gather(every_sample, 2, index.expand(-1, rows, -1))
-    return columns.view(chunk.tile_count, rows * len(offsets), chunk.size)
+    return columns.view(count, -1, chunk.size)
 
 
 def _scatter_columns(tiled, position_slot, out=None):
@@ -245,23 +247,33 @@ def _scatter_columns(tiled, position_slot, out=None):
     return torch.gather(every_tile, 2, index[:, None].expand(-1, rows, -1), out=out)
 
 
-def _chunk_filters(filters_flat, tiles: RegionTiles, chunk: TileChunk):
-    """The filter (O, C * kh * kw) of each tile of ``chunk``: a view of ``filters_flat`` unless buckets were split."""
+def _chunk_filters(filters_flat, tiles: RegionTiles, chunk: TileChunk, part):
+    """The filter (O, C * kh * kw) of each tile of ``part`` (a range within ``chunk``): a view of ``filters_flat``
+    unless buckets were split."""
     if chunk.split:
-        return filters_flat.index_select(0, tiles.tile_bucket[chunk.tiles[0]:chunk.tiles[1]])
-    return filters_flat[chunk.buckets[0]:chunk.buckets[1]]
+        return filters_flat.index_select(0, tiles.tile_bucket[chunk.tiles[0] + part[0]:chunk.tiles[0] + part[1]])
+    return filters_flat[chunk.buckets[0] + part[0]:chunk.buckets[0] + part[1]]
 
 
-def _samples_per_chunk(elements_per_sample: int, batch: int) -> int:
-    return max(1, min(batch, _CHUNK_ELEMENTS // max(1, elements_per_sample)))
+def _chunk_budget(in_elements: int, out_elements: int) -> int:
+    """Most elements of gathered patches to hold at once (see _CHUNK_ELEMENTS)."""
+    return max(1, min(_CHUNK_ELEMENTS, (in_elements + out_elements) // 2))
+
+
+def _tile_parts(chunk: TileChunk, rows: int, budget: int):
+    """[first, last) tile ranges of ``chunk`` whose patches (``rows`` x T each) fit ``budget``; the whole chunk
+    unless one sample alone exceeds it."""
+    step = max(1, budget // (rows * chunk.size))
+    return [(first, min(chunk.tile_count, first + step)) for first in range(0, chunk.tile_count, step)]
 
 
 @register_region_conv_impl("fast")
 class RegionConv2dFast(torch.autograd.Function):
     """Bucketed implementation: a convolution's multiply-adds forward, exact gradients for ``x`` and ``filters``.
 
-    Beyond its output, the forward holds one chunk's gathered patches and tiled output (about 4 MB in float32) and
-    the tiling's index arrays (a few int64 per output position), plus a padded copy of the input when padding > 0.
+    Beyond its output, the forward holds at once a chunk's tiled output and gathered patches (at most about
+    4 MB, or half its input plus output when smaller, or one sample's patches), the tiling's index arrays (a few
+    int64 per output position) and, when padding > 0, a padded copy of the input.
     """
 
     @staticmethod
@@ -270,17 +282,13 @@ class RegionConv2dFast(torch.autograd.Function):
         geometry = _Geometry.of(x, guide, filters, stride, padding, dilation)
         filters_flat = filters.reshape(batch * regions, out_channels, -1)
         positions = guide.shape[-2] * guide.shape[-1]
-        per_chunk = _samples_per_chunk(filters_flat.shape[-1] * positions, batch)
+        budget = _chunk_budget(x.numel(), batch * out_channels * positions)
+        per_chunk = max(1, min(batch, budget // (filters_flat.shape[-1] * positions)))
         tiles = tile_positions(region_argmax(guide), regions, per_chunk)
         source = geometry.padded(x)
-
         out = x.new_empty(batch, out_channels, positions)
         for chunk in tiles.chunks:
-            patches = _gather_columns(source, tiles, chunk, geometry.offsets, geometry.position_base)
-            tiled = torch.bmm(_chunk_filters(filters_flat, tiles, chunk), patches)
-            first, last = chunk.samples
-            _scatter_columns(tiled, tiles.position_slot[first:last], out=out[first:last])
-
+            _forward_chunk(source, tiles, chunk, geometry, filters_flat, budget, out)
         ctx.save_for_backward(x, guide, filters)
         ctx.tiles, ctx.geometry = tiles, geometry
         return out.view(batch, out_channels, *guide.shape[-2:])
@@ -289,43 +297,55 @@ class RegionConv2dFast(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, guide, filters = ctx.saved_tensors
+        tiles, geometry = ctx.tiles, ctx.geometry
         need_x, need_guide, need_filters = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous().flatten(2)  # (B, O, P)
-        grad_x, grad_filters = _exact_gradients(ctx.tiles, ctx.geometry, x, filters, grad_out, need_x, need_filters)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_filters = torch.zeros_like(filters) if need_filters else None
+        if need_x or need_filters:
+            source = geometry.padded(x) if need_filters else None
+            for chunk in tiles.chunks:
+                _backward_chunk(source, grad_out, tiles, chunk, geometry, filters, grad_x, grad_filters)
         grad_guide = None
         if need_guide:
-            grad_guide = guide_gradient(guide, _region_scores(ctx.geometry, x, filters, grad_out).view_as(guide))
+            grad_guide = guide_gradient(guide, _region_scores(geometry, x, filters, grad_out).view_as(guide))
         return grad_x, grad_guide, grad_filters, None, None, None
 
 
-def _exact_gradients(tiles, geometry, x, filters, grad_out, need_x, need_filters):
-    """Gradients of ``x`` and ``filters`` (None where not needed), through the forward's tiles."""
-    if not (need_x or need_filters):
-        return None, None
+def _forward_chunk(source, tiles, chunk, geometry, filters_flat, budget, out):
+    """The outputs of ``chunk``'s samples into ``out``, its patches gathered a part at a time."""
+    tiled = out.new_empty(chunk.tile_count, out.shape[1], chunk.size)
+    for part in _tile_parts(chunk, filters_flat.shape[-1], budget):
+        patches = _gather_columns(source, tiles, chunk, part, geometry.offsets, geometry.position_base)
+        torch.bmm(_chunk_filters(filters_flat, tiles, chunk, part), patches, out=tiled[part[0]:part[1]])
+        del patches  # before the next part's are gathered
+    first, last = chunk.samples
+    _scatter_columns(tiled, tiles.position_slot[first:last], out=out[first:last])
+
+
+def _backward_chunk(source, grad_out, tiles, chunk, geometry, filters, grad_x, grad_filters):
+    """The gradients of ``x`` and ``filters`` (where not None) of ``chunk``'s samples, through its tiles."""
     batch, regions, out_channels = filters.shape[:3]
     filters_flat = filters.reshape(batch * regions, out_channels, -1)
-    source = geometry.padded(x) if need_filters else None
-    no_offset = torch.zeros(1, dtype=torch.long, device=x.device)
-    grad_x = torch.empty_like(x) if need_x else None
-    grad_filters = torch.zeros_like(filters_flat) if need_filters else None
-    for chunk in tiles.chunks:
+    whole = (0, chunk.tile_count)
+    tiled_grad = _gather_columns(grad_out, tiles, chunk, whole)  # (tiles, O, T)
+    valid = tiles.slot_valid[chunk.slots[0]:chunk.slots[1]].view(chunk.tile_count, 1, chunk.size)
+    # Padding slots must not add to the filters' gradient. Multiplying by the mask is several times faster than
+    # masked_fill; it differs only where grad_out is not finite, whose gradients are lost anyway.
+    tiled_grad.mul_(valid.to(tiled_grad.dtype))
+    if grad_filters is not None:
+        patches = _gather_columns(source, tiles, chunk, whole, geometry.offsets, geometry.position_base)
+        grad_flat = grad_filters.view_as(filters_flat)
+        if chunk.split:
+            grad_tiles = torch.bmm(tiled_grad, patches.transpose(1, 2))
+            grad_flat.index_add_(0, tiles.tile_bucket[chunk.tiles[0]:chunk.tiles[1]], grad_tiles)
+        else:
+            torch.bmm(tiled_grad, patches.transpose(1, 2), out=grad_flat[chunk.buckets[0]:chunk.buckets[1]])
+    if grad_x is not None:
+        tiled_filters = _chunk_filters(filters_flat, tiles, chunk, whole)
+        tiled_patch_grad = torch.bmm(tiled_filters.transpose(1, 2), tiled_grad)
         first, last = chunk.samples
-        tiled_grad = _gather_columns(grad_out, tiles, chunk, no_offset)  # (tiles, O, T)
-        valid = tiles.slot_valid[chunk.slots[0]:chunk.slots[1]].view(chunk.tile_count, 1, chunk.size)
-        # Padding slots must not add to the filters' gradient. Multiplying by the mask is several times faster than
-        # masked_fill; it differs only where grad_out is not finite, whose gradients are lost anyway.
-        tiled_grad.mul_(valid.to(tiled_grad.dtype))
-        if need_filters:
-            patches = _gather_columns(source, tiles, chunk, geometry.offsets, geometry.position_base)
-            if chunk.split:
-                grad_tiles = torch.bmm(tiled_grad, patches.transpose(1, 2))
-                grad_filters.index_add_(0, tiles.tile_bucket[chunk.tiles[0]:chunk.tiles[1]], grad_tiles)
-            else:
-                torch.bmm(tiled_grad, patches.transpose(1, 2), out=grad_filters[chunk.buckets[0]:chunk.buckets[1]])
-        if need_x:
-            tiled_patch_grad = torch.bmm(_chunk_filters(filters_flat, tiles, chunk).transpose(1, 2), tiled_grad)
-            grad_x[first:last] = geometry.fold(_scatter_columns(tiled_patch_grad, tiles.position_slot[first:last]))
-    return grad_x, grad_filters.view_as(filters) if need_filters else None
+        grad_x[first:last] = geometry.fold(_scatter_columns(tiled_patch_grad, tiles.position_slot[first:last]))
 
 
 def _region_scores(geometry, x, filters, grad_out):
@@ -335,7 +355,7 @@ def _region_scores(geometry, x, filters, grad_out):
     batch, regions, out_channels = filters.shape[:3]
     positions = grad_out.shape[-1]
     scores = grad_out.new_empty(batch, regions, positions)
-    per_chunk = _samples_per_chunk(regions * out_channels * positions, batch)
+    per_chunk = max(1, min(batch, _CHUNK_ELEMENTS // (regions * out_channels * positions)))
     for first in range(0, batch, per_chunk):
         chunk = slice(first, first + per_chunk)
         every = torch.bmm(filters[chunk].flatten(3).flatten(1, 2), geometry.unfold(x[chunk]))
