@@ -61,7 +61,7 @@ from drbench.models import create_model, get_model, list_models
 from drbench.ops import create_conv, get_op, list_ops
 
 SUITE_KEYS = ("name", "description", "fixed", "axes", "include", "exclude", "metrics")
-Path_ = tuple[str | int, ...]
+FieldPath = tuple[str | int, ...]
 
 
 class SuiteError(ValueError):
@@ -148,7 +148,7 @@ class Cell(BaseModel):
         size = self.input_size if isinstance(self.input_size, int) else "x".join(map(str, self.input_size))
         parts = [self.model, f"{self.width:g}x", f"{self.op}({options})" if options else self.op, f"{size}px",
                  f"b{self.batch_size}"]
-        defaults = {name: field.get_default(call_default_factory=True) for name, field in Cell.model_fields.items()}
+        defaults = cell_defaults()
         for name in ("placement", "small_input", "num_classes", "dtype"):
             if getattr(self, name) != defaults[name]:
                 parts.append(f"{name}={getattr(self, name)}")
@@ -200,6 +200,15 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 CELL_KEYS = tuple(name for name in Cell.model_fields if name != "op_options")
+
+
+def cell_defaults() -> dict[str, Any]:
+    """The default of every cell setting (``model`` has none: every cell must name one)."""
+    return {
+        name: field.get_default(call_default_factory=True)
+        for name, field in Cell.model_fields.items()
+        if not field.is_required()
+    }
 
 
 def option_names() -> dict[str, list[str]]:
@@ -325,7 +334,7 @@ def _canonical(value: Any) -> Any:
 def _resolve_metrics(spec: _SuiteSpec, where: _Locator, config: Config) -> dict[str, BaseModel]:
     """``metrics:`` as a list of names or a mapping of names to settings (null for the defaults)."""
     if isinstance(spec.metrics, list):
-        requested: list[tuple[Path_, Any, Any]] = [(("metrics", i), name, {}) for i, name in enumerate(spec.metrics)]
+        requested: list[tuple[FieldPath, Any, Any]] = [(("metrics", i), name, {}) for i, name in enumerate(spec.metrics)]
     elif isinstance(spec.metrics, dict):
         requested = [(("metrics", name), name, settings) for name, settings in spec.metrics.items()]
     else:
@@ -351,10 +360,10 @@ def _check_keys(spec: _SuiteSpec, where: _Locator) -> None:
     """Every setting key is a cell field or an operator option that one of the suite's operators takes."""
     options = option_names()
     known = (*CELL_KEYS, *options)
-    ops = _alternatives(spec.axes.get("op", spec.fixed.get("op", Cell.model_fields["op"].default)))
+    ops = _alternatives(spec.axes.get("op", spec.fixed.get("op", cell_defaults()["op"])))
     ops += [op for entry in spec.include for op in _alternatives(entry.get("op", []))]
     all_ops_known = all(op in list_ops() for op in ops)  # else the cell check names the unknown operator
-    sections: list[tuple[Path_, Mapping[str, Any]]] = [(("fixed",), spec.fixed), (("axes",), spec.axes)]
+    sections: list[tuple[FieldPath, Mapping[str, Any]]] = [(("fixed",), spec.fixed), (("axes",), spec.axes)]
     sections += [(("include", i), entry) for i, entry in enumerate(spec.include)]
     sections += [(("exclude", i), entry) for i, entry in enumerate(spec.exclude)]
     for path, section in sections:
@@ -387,7 +396,7 @@ def _expand(spec: _SuiteSpec, where: _Locator) -> list[Cell]:
     return list(cells.values())
 
 
-def _product(axes: Mapping[str, tuple[list[Any], Path_]]) -> Iterable[dict[str, tuple[Any, Path_]]]:
+def _product(axes: Mapping[str, tuple[list[Any], FieldPath]]) -> Iterable[dict[str, tuple[Any, FieldPath]]]:
     """Every combination of the axes' values; each value keeps the path of the list item it came from."""
     keys = list(axes)
     choices = [[(value, (*path, i)) for i, value in enumerate(values)] for values, path in axes.values()]
@@ -395,21 +404,20 @@ def _product(axes: Mapping[str, tuple[list[Any], Path_]]) -> Iterable[dict[str, 
         yield dict(zip(keys, combination))
 
 
-def _applicable(candidate: dict[str, tuple[Any, Path_]]) -> dict[str, tuple[Any, Path_]]:
+def _applicable(candidate: dict[str, tuple[Any, FieldPath]]) -> dict[str, tuple[Any, FieldPath]]:
     """Drop operator options that the candidate's operator does not take."""
-    op = candidate.get("op", (Cell.model_fields["op"].default, ()))[0]
+    op = candidate.get("op", (cell_defaults()["op"], ()))[0]
     taken = set(get_op(op).options) if op in list_ops() else set()
     options = option_names()
     return {key: item for key, item in candidate.items() if key not in options or key in taken}
 
 
-def _excluded(candidate: Mapping[str, tuple[Any, Path_]], rules: list[dict[str, Any]]) -> bool:
-    defaults = {name: field.get_default(call_default_factory=True) for name, field in Cell.model_fields.items()}
-    values = {**defaults, **{key: value for key, (value, _) in candidate.items()}}
+def _excluded(candidate: Mapping[str, tuple[Any, FieldPath]], rules: list[dict[str, Any]]) -> bool:
+    values = {**cell_defaults(), **{key: value for key, (value, _) in candidate.items()}}
     return any(matches(values, rule) for rule in rules)
 
 
-def _validate_cell(candidate: Mapping[str, tuple[Any, Path_]], where: _Locator) -> Cell:
+def _validate_cell(candidate: Mapping[str, tuple[Any, FieldPath]], where: _Locator) -> Cell:
     options = option_names()
     fields = {key: value for key, (value, _) in candidate.items() if key not in options}
     op_options = {key: value for key, (value, _) in candidate.items() if key in options}
@@ -452,14 +460,14 @@ class _Locator:
         except yaml.YAMLError:
             self.root = None
 
-    def error(self, path: Path_, message: str) -> SuiteError:
+    def error(self, path: FieldPath, message: str) -> SuiteError:
         line = self._line(path)
         prefix = f"{self.source}:{line}" if line else self.source
         field = _dotted(path)
         return SuiteError(f"{prefix}: {field}: {message}" if field else f"{prefix}: {message}")
 
     def validation_error(
-        self, error: ValidationError, base: Path_, single_value: bool = False, known: Iterable[str] = SUITE_KEYS
+        self, error: ValidationError, base: FieldPath, single_value: bool = False, known: Iterable[str] = SUITE_KEYS
     ) -> SuiteError:
         """The first pydantic error, phrased as "expected ..., got ..."; ``base`` is where the value came from,
         ``known`` the keys its section takes."""
@@ -477,7 +485,7 @@ class _Locator:
         where = f"{self.source}:{mark.line + 1}" if mark else self.source
         return SuiteError(f"{where}: YAML syntax error: {problem}")
 
-    def _line(self, path: Path_) -> int | None:
+    def _line(self, path: FieldPath) -> int | None:
         node, line = self.root, None
         for part in path:
             if isinstance(node, yaml.MappingNode):
@@ -501,7 +509,7 @@ def _message(error: Mapping[str, Any]) -> str:
     return message
 
 
-def _dotted(path: Path_) -> str:
+def _dotted(path: FieldPath) -> str:
     text = ""
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))

@@ -157,28 +157,9 @@ def block_timer_for(device: str | torch.device) -> BlockTimer:
     return CudaEventTimer(device) if device.type == "cuda" else WallClockTimer()
 
 
-def time_callable(
-    fn: Callable[[], object],
-    *,
-    device: str | torch.device = "cpu",
-    budget_s: float = 1.0,
-    warmup: int = 3,
-    min_blocks: int = 5,
-    target_rel_iqr: float = 0.05,
-    batch_size: int = 1,
-    timer: BlockTimer | None = None,
-) -> LatencyMeasurement:
-    """Time ``fn()`` (see the module docstring for the procedure); ``timer`` replaces the device's clock."""
-    return time_interleaved(
-        {"fn": fn},
-        device=device,
-        budget_s=budget_s,
-        warmup=warmup,
-        min_blocks=min_blocks,
-        target_rel_iqr=target_rel_iqr,
-        batch_size=batch_size,
-        timer=timer,
-    )["fn"]
+def time_callable(fn: Callable[[], object], **options) -> LatencyMeasurement:
+    """Time ``fn()``; ``options`` are :func:`time_interleaved`'s (device, budget_s, warmup, ..., timer)."""
+    return time_interleaved({"fn": fn}, **options)["fn"]
 
 
 def time_interleaved(
@@ -195,6 +176,7 @@ def time_interleaved(
     """Time several callables in turns, one block each per round, until all are steady or the budget is spent.
 
     The budget is shared: it bounds the total time spent in timed blocks of all callables together.
+    ``batch_size`` is the images per call (for throughput); ``timer`` replaces the device's clock (tests).
     """
     if not fns:
         raise ValueError("time_interleaved needs at least one callable")
