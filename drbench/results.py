@@ -133,6 +133,19 @@ class ResultsStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def holder(self) -> str | None:
+        """Who holds :meth:`lock` now (``drbench run (pid ... on host)``), or None when no run holds it."""
+        path = self.directory / LOCK_FILE
+        if not path.is_file():
+            return None
+        with path.open("r") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
 
 def result_files(path: str | Path) -> list[Path]:
     """``path`` itself if it is a file, else every ``*.jsonl`` below it, in name (= time) order."""

@@ -7,6 +7,10 @@
   always retried.
 - Ctrl-C: records are fsync'ed as they are written and SIGINT is held back while one is written, so an interrupt
   loses at most the cell in flight; :class:`RunInterrupted` says how many cells were stored and where.
+- Executors: ``[executor]`` of the config (``--executor``, ``--workers``, ...) says where cells are measured:
+  in this process (``local``, the default, in matrix order), in worker processes or as SLURM jobs (records then
+  arrive in completion order); see :mod:`drbench.executors`. Whatever the executor, this process alone writes the
+  run's results file.
 - Device: ``device`` (the ``--device`` flag) wins over the suite's cell setting, which wins over drbench.toml's
   ``run.device``; ``auto`` means CUDA when available. Threads: ``run.threads`` of the config (0: torch's default),
   fixed with ``torch.set_num_threads`` for the whole run and recorded in every record.
@@ -23,18 +27,16 @@ import contextlib
 import signal
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
 from drbench.config import Config
 from drbench.environment import capture_environment
+from drbench.executors import Dispatch, PartOutcome
 from drbench.measure.timing import fixed_threads
-from drbench.metrics import RunContext, measure_cell
 from drbench.results import SCHEMA_VERSION, ResultsStore, new_run_id, resume_key
 from drbench.suite import Cell, Suite, matches, parse_filter
 
@@ -144,15 +146,16 @@ def run_suite(
         observer.run_started(len(to_run), summary.skipped)
         if not to_run:
             return summary
-        context = RunContext(config, threads, observer.cell_status)
+        dispatch = Dispatch(to_run, suite.metrics, config, threads=threads, suite_dir=store.directory,
+                            job_name=f"drbench-{suite.name}")
         start = time.perf_counter()
         run_id = new_run_id()
-        with store.writer(run_id) as writer:
+        with store.writer(run_id) as writer, contextlib.closing(dispatch.run(observer)) as finished:
             summary.results_file = writer.path
             try:
-                for cell in to_run:
-                    observer.cell_started(cell)
-                    record = measure_record(suite, cell, context, run_id)
+                for index, parts in finished:
+                    cell = to_run[index]
+                    record = record_from_parts(suite, cell, parts, run_id)
                     with _sigint_deferred():
                         writer.append(record)
                     _count(summary, record, cell)
@@ -164,22 +167,29 @@ def run_suite(
     return summary
 
 
-def measure_record(suite: Suite, cell: Cell, context: RunContext, run_id: str = "") -> dict:
-    """Measure ``cell`` with the suite's metrics and return its record (status ``error`` if a metric raised)."""
-    start = time.perf_counter()
-    record = _skeleton(suite, cell, run_id, started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    try:
-        record["metrics"] = measure_cell(cell, suite.metrics, context)
-    except Exception as error:  # noqa: BLE001  (any failure of one cell is that cell's result)
-        record.update(status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
-        if cell.torch_device.type == "cuda":
-            torch.cuda.empty_cache()
-    record["duration_s"] = time.perf_counter() - start
+def record_from_parts(suite: Suite, cell: Cell, parts: Sequence[PartOutcome], run_id: str = "") -> dict:
+    """The record of ``cell`` from its measured parts (one per executor; status ``error`` if any part failed).
+
+    ``env`` is the first part's (where it ran; the run's own when that worker died before describing itself),
+    ``execution`` says where each part ran, and the first failed part's message is the record's ``error``.
+    """
+    first = parts[0]
+    record = _skeleton(suite, cell, run_id, started=first.started, env=first.env)
+    measured = {name: result for part in parts for name, result in part.metrics.items()}
+    record["metrics"] = {name: measured[name] for name in suite.metrics if name in measured}
+    failed = [part for part in parts if part.error is not None]
+    if failed:
+        record.update(status="error", error=failed[0].error,
+                      traceback="\n".join(part.traceback for part in failed if part.traceback) or None)
+    record["duration_s"] = sum(part.duration_s for part in parts)
+    record["execution"] = [part.execution() for part in parts]
     return record
 
 
-def _skeleton(suite: Suite, cell: Cell, run_id: str = "", started: str | None = None) -> dict:
-    """A record before measurement: everything resume compares is already in it."""
+def _skeleton(suite: Suite, cell: Cell, run_id: str = "", started: str | None = None, env: dict | None = None
+              ) -> dict:
+    """A record before measurement: everything resume compares is already in it (``env``: this process's
+    unless given)."""
     return {
         "schema": SCHEMA_VERSION,
         "suite": suite.name,
@@ -191,7 +201,7 @@ def _skeleton(suite: Suite, cell: Cell, run_id: str = "", started: str | None = 
         "error": None,
         "traceback": None,
         "metrics": {},
-        "env": capture_environment(cell.torch_device),
+        "env": env if env is not None else capture_environment(cell.torch_device),
         "started": started,
         "duration_s": None,
     }

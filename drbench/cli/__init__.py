@@ -3,7 +3,9 @@
 from drbench.cli import compare  # noqa: F401  (registers commands)
 from drbench.cli import ops  # noqa: F401  (registers commands)
 from drbench.cli import profile  # noqa: F401  (registers commands)
+from drbench.cli import report  # noqa: F401  (registers commands)
 from drbench.cli import run  # noqa: F401  (registers commands)
+from drbench.cli import status  # noqa: F401  (registers commands)
 from drbench.cli import train  # noqa: F401  (registers commands)
 from drbench.cli.app import app
 

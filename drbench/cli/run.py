@@ -16,6 +16,7 @@ from rich.table import Table
 
 from drbench.cli.app import app, console, err_console, fail, list_app
 from drbench.config import Config, ConfigError, load_config
+from drbench.executors import ExecutorError, interference_warning
 from drbench.results import StoreLockedError, StoreWarning, load
 from drbench.runner import RunInterrupted, plan, run_suite
 from drbench.suite import CELL_KEYS, Cell, Suite, SuiteError, list_suites, load_suite, option_names
@@ -24,12 +25,16 @@ CONFIG_OPTION = typer.Option(None, "--config", help="Settings file (default: ./d
 RESULTS_DIR_OPTION = typer.Option(None, "--results-dir", help="Results folder (default: paths.results_dir).")
 DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda or auto (default: the suite's, else run.device).")
 THREADS_OPTION = typer.Option(None, "--threads", min=0, help="torch threads (default: run.threads; 0: torch's).")
+EXECUTOR_FLAGS = {"executor": "executor.name", "workers": "executor.workers", "timeout": "executor.timeout_s",
+                  "gpus": "executor.gpus", "partition": "slurm.partition", "slurm_time": "slurm.time_min",
+                  "gpus_per_task": "slurm.gpus_per_task", "array_parallelism": "slurm.array_parallelism"}
 
 
 def _config(path: Optional[Path], **flags: Any) -> Config:
     results_dir = flags.get("results_dir")
     overrides = {"paths.results_dir": str(results_dir) if results_dir else None, "run.device": flags.get("device"),
                  "run.threads": flags.get("threads")}
+    overrides.update({key: flags.get(flag) for flag, key in EXECUTOR_FLAGS.items()})
     try:
         return load_config(path, overrides)
     except ConfigError as error:
@@ -59,19 +64,35 @@ def run_command(
     ),
     force: bool = typer.Option(False, "--force", help="Measure cells again even if already stored."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the cells and exit."),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", help="local (this process), process (worker processes) or slurm (submitit jobs); "
+        "default: executor.name."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="process: worker processes at once."),
+    timeout: Optional[float] = typer.Option(
+        None, "--timeout", min=0, help="process: seconds a cell may run before its worker is killed (0: none)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="process: one worker per GPU, e.g. 0,1."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition."),
+    slurm_time: Optional[int] = typer.Option(None, "--slurm-time", min=1, help="slurm: job time limit, minutes."),
+    gpus_per_task: Optional[int] = typer.Option(None, "--gpus-per-task", min=0, help="slurm: GPUs per job."),
+    array_parallelism: Optional[int] = typer.Option(
+        None, "--array-parallelism", min=1, help="slurm: jobs running at once."),
     config_file: Optional[Path] = CONFIG_OPTION,
 ) -> None:
     """Measure every cell of a suite, storing one record per cell as it finishes (resumable)."""
-    config = _config(config_file, results_dir=results_dir, device=device, threads=threads)
+    config = _config(config_file, results_dir=results_dir, device=device, threads=threads, executor=executor,
+                     workers=workers, timeout=timeout, gpus=gpus, partition=partition, slurm_time=slurm_time,
+                     gpus_per_task=gpus_per_task, array_parallelism=array_parallelism)
     loaded = _suite(suite, config)
     try:
         if dry_run:
             _print_plan(loaded, plan(loaded, config, device=device, only=only, force=force, results_dir=results_dir))
             return
+        if warning := interference_warning(list(loaded.metrics), config):
+            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
         with _RichObserver() as observer:
             summary = run_suite(loaded, config, device=device, only=only, force=force, results_dir=results_dir,
                                 observer=observer)
-    except (SuiteError, ValueError) as error:
+    except (SuiteError, ValueError, ExecutorError) as error:
         fail(str(error))
     except StoreLockedError as error:
         fail(str(error), code=1)
