@@ -5,6 +5,7 @@ import torch
 
 import drbench.ops.region_conv_fast as fast
 from drbench.ops.functional import region_conv2d
+from test_region_conv import make_inputs as reference_test_inputs  # same case format as the reference's tests
 
 # (C, O, H, W, k, stride, padding, dilation, m)
 CASES = [
@@ -21,18 +22,14 @@ CASES = [
 CASE_IDS = ["C{}O{}_{}x{}_k{}_s{}_p{}_d{}_m{}".format(*case) for case in CASES]
 
 
-def make_inputs(case, dtype=torch.float64, batch=3, seed=0, guide_bias=None):
-    """x, guide and filters for ``case``; ``guide_bias`` (m,) is added to the guide to make regions uneven."""
-    channels, out_channels, height, width, k, stride, padding, dilation, regions = case
-    gen = torch.Generator().manual_seed(seed)
-    out_h = (height + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    out_w = (width + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    x = torch.randn(batch, channels, height, width, generator=gen, dtype=dtype)
-    guide = torch.randn(batch, regions, out_h, out_w, generator=gen, dtype=dtype)
+def make_inputs(case, dtype=torch.float64, batch=3, guide_bias=None):
+    """x, guide and filters for ``case`` (not requiring grad); ``guide_bias`` (m,) is added to the guide to make the
+    regions uneven."""
+    tensors, conv_args = reference_test_inputs(case, dtype=dtype, batch=batch)
+    x, guide, filters = (t.detach() for t in tensors)
     if guide_bias is not None:
-        guide = guide + torch.as_tensor(guide_bias, dtype=dtype).view(1, regions, 1, 1)
-    filters = torch.randn(batch, regions, out_channels, channels, k, k, generator=gen, dtype=dtype)
-    return (x, guide, filters), (stride, padding, dilation)
+        guide = guide + torch.as_tensor(guide_bias, dtype=dtype).view(1, -1, 1, 1)
+    return (x, guide, filters), conv_args
 
 
 def outputs_and_gradients(impl, tensors, conv_args, grad_seed=1):
@@ -180,3 +177,10 @@ def test_tiling_pads_little_when_regions_are_even_and_splits_a_dominant_region()
     assert split.chunks[0].split
     # a single bucket per sample would need 8 tiles of 793 slots; split tiles need ~1 per 100 positions
     assert split.slot_position.numel() < 2 * batch * positions
+
+
+def test_fast_is_the_default_implementation():
+    (x, guide, filters), conv_args = make_inputs(CASES[0])
+    out = region_conv2d(x.requires_grad_(), guide, filters, *conv_args)
+    assert type(out.grad_fn).__name__ == "RegionConv2dFastBackward"
+    torch.testing.assert_close(out, region_conv2d(x, guide, filters, *conv_args, impl="reference"))

@@ -33,6 +33,8 @@ from drbench.ops.functional import guide_gradient, register_region_conv_impl
 _TILE_ALIGN = 8
 # Split buckets get tiles of about the mean bucket, but no fewer slots than this (tiny matmuls, a filter copy each).
 _MIN_SPLIT_TILE = 16
+# A split tile needs its own copy of its filter; copying costs about as much time as this many slots of matmul.
+_FILTER_COPY_SLOTS = 16
 # Most elements of gathered patches at once: about 4 MB in float32, so they are still in the last-level cache when
 # the matmul reads them. Smaller inputs get less: at most half their input and output, which keeps the forward's
 # extra memory within a small multiple of its input and output, however large the kernel.
@@ -87,7 +89,7 @@ def region_argmax(guide: torch.Tensor) -> torch.Tensor:
     """The selected region at each position, (B, m, H', W') -> (B, H' * W'), ties to the lowest index like argmax.
 
     A running comparison over the m regions: ``argmax(dim=1)`` is a strided reduction that runs several times slower
-    on CPU than these m elementwise passes.
+    on CPU than these m elementwise passes. Unlike argmax, a NaN is never selected after region 0.
     """
     guide = guide.flatten(2)
     best = guide[:, 0]
@@ -105,7 +107,7 @@ def tile_positions(mask: torch.Tensor, regions: int, samples_per_chunk: int) -> 
 
     Within a chunk, either each bucket is one tile of T = the chunk's largest bucket (no filter copies; little
     waste when regions are about equal), or buckets are split into tiles of about the mean bucket (a filter copy
-    per tile; little waste when one region dominates). The layout with fewer slots wins.
+    per tile; little waste when one region dominates). The cheaper layout wins.
     """
     batch, positions = mask.shape
     device = mask.device
@@ -116,14 +118,14 @@ def tile_positions(mask: torch.Tensor, regions: int, samples_per_chunk: int) -> 
 
     chunk_of_sample = torch.arange(batch, device=device) // samples_per_chunk
     chunk_count = -(-batch // samples_per_chunk)
-    per_chunk = torch.zeros(chunk_count, dtype=torch.long, device=device)
+    per_chunk = torch.zeros(chunk_count, dtype=torch.long, device=device)  # summed into by chunk
     largest = per_chunk.scatter_reduce(0, chunk_of_sample, counts.view(batch, regions).amax(1), "amax")
     one_tile_slots = _round_up(largest, _TILE_ALIGN) * per_chunk.scatter_add(
         0, chunk_of_sample, torch.full_like(chunk_of_sample, regions))
     split_size = _round_up(max(_MIN_SPLIT_TILE, -(-positions // regions)), _TILE_ALIGN)
     split_tiles = (counts + split_size - 1) // split_size
-    split_slots = split_size * per_chunk.scatter_add(0, chunk_of_sample, split_tiles.view(batch, regions).sum(1))
-    split = split_slots < one_tile_slots
+    split_count = per_chunk.scatter_add(0, chunk_of_sample, split_tiles.view(batch, regions).sum(1))
+    split = split_count * (split_size + _FILTER_COPY_SLOTS) < one_tile_slots
     size = torch.where(split, split_size, _round_up(largest, _TILE_ALIGN))
     split_bucket = split.gather(0, chunk_of_sample)[:, None]
     tiles_per_bucket = torch.where(split_bucket, split_tiles.view(batch, regions), 1).flatten()
@@ -139,11 +141,12 @@ def tile_positions(mask: torch.Tensor, regions: int, samples_per_chunk: int) -> 
     tile_in_chunk = first_tile.gather(0, sorted_key) + rank // slot_size - chunk_first_tile.gather(0, chunk)
     slot_in_chunk = tile_in_chunk * slot_size + rank % slot_size
 
-    slot_position = torch.full((int(chunk_slots.sum()),), -1, dtype=torch.long, device=device)
-    slot_position.scatter_(0, chunk_first_slot.gather(0, chunk) + slot_in_chunk, order % positions)
-    tile_bucket = torch.repeat_interleave(torch.arange(buckets, device=device), tiles_per_bucket)
     sizes, tile_counts, splits, first_tiles, first_slots = torch.stack(
         [size, chunk_tiles, split.long(), chunk_first_tile, chunk_first_slot]).tolist()
+    slot_position = torch.full((first_slots[-1] + tile_counts[-1] * sizes[-1],), -1, dtype=torch.long, device=device)
+    slot_position.scatter_(0, chunk_first_slot.gather(0, chunk) + slot_in_chunk, order % positions)
+    tile_bucket = torch.repeat_interleave(torch.arange(buckets, device=device), tiles_per_bucket,
+                                          output_size=first_tiles[-1] + tile_counts[-1])
     chunks = [
         TileChunk(
             samples=(index * samples_per_chunk, min(batch, (index + 1) * samples_per_chunk)),
