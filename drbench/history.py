@@ -1,6 +1,7 @@
 """A metric per cell across commits: the series in commit order, the step changes in it, and a plot.
 
-Points: the records of one cell (suite and configuration hash) measured at one commit are pooled into one point
+Series: one per cell (suite and configuration hash) and environment (machine and thread count, which change the
+figures without being part of a cell's identity). Points: the records of one series at one commit are pooled
 (their raw latency samples together, or their seeds, or their values); a commit measured with uncommitted changes is
 a separate point (``3db48f3+``) after the clean one, and records made outside git are one point per run.
 
@@ -32,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from drbench.compare import (
     DEFAULT_THRESHOLD, METRIC_UNITS, Decision, MetricRule, Verdict, cell_label, commit_label, record_time, rule_for,
-    run_git,
+    run_git, shorten_labels,
 )
 from drbench.results import read_records
 from drbench.suite import matches, parse_filter
@@ -105,14 +106,19 @@ def build_history(records: Iterable[Mapping[str, Any]], metric: str = "latency",
                          f"suite={suite or 'any'}, cell={cell or 'any'}")
     positions = commit_positions({r["env"].get("git_commit") for r in selected} - {None}, repo)
     order = GIT_ORDER if positions is not None else "time of first record (git does not know every commit)"
-    series: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    series: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = {}
     for record in selected:
-        series.setdefault((record.get("suite") or "", record["config_hash"]), []).append(record)
+        env = record["env"]
+        key = (record.get("suite") or "", record["config_hash"], str(env.get("machine")), str(env.get("threads")))
+        series.setdefault(key, []).append(record)
+    several_environments = len({key[2:] for key in series}) > 1
     cells = []
-    for (suite_name, key), cell_records in sorted(series.items()):
+    for (suite_name, key, machine, threads), cell_records in sorted(series.items()):
         points = _points(cell_records, rule, positions)
-        cells.append(CellHistory(suite_name, key, cell_label(cell_records[0]["config"]), tuple(points),
-                                 tuple(find_steps(points, rule, threshold))))
+        label = cell_label(cell_records[0]["config"])
+        if several_environments:
+            label += f" threads={threads} machine={machine}"
+        cells.append(CellHistory(suite_name, key, label, tuple(points), tuple(find_steps(points, rule, threshold))))
     return History(metric, threshold, order, tuple(cells))
 
 
@@ -196,6 +202,7 @@ def plot_history(history: History, out: str | Path) -> Path:
     columns = min(3, len(history.cells))
     rows = math.ceil(len(history.cells) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
+    common, short = shorten_labels(cell.label for cell in history.cells)
     for ax, cell in zip(axes.flat, history.cells):
         centres = [rule.centre(p.observations) * scale for p in cell.points]
         low, high = zip(*(_spread(p.observations, rule) for p in cell.points))
@@ -213,12 +220,14 @@ def plot_history(history: History, out: str | Path) -> Path:
             ax.annotate(f"{step.decision.ratio:.2f}x", (step.index - 0.5, 1.0), xycoords=("data", "axes fraction"),
                         ha="center", va="bottom", color=colour, fontsize=8)
         ax.set_xticks(list(x), [p.label for p in cell.points], rotation=45, ha="right", fontsize=7)
-        ax.set_title(cell.label, fontsize=9, pad=14)
+        ax.set_title(short[cell.label], fontsize=9, pad=14)
         ax.set_ylabel(f"{history.metric} ({unit})" if unit else history.metric)
         ax.set_xlabel(f"commit ({history.order})", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(history.cells):]:
         ax.set_visible(False)
+    if common:
+        figure.suptitle(common, fontsize=10)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)

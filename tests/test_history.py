@@ -90,3 +90,12 @@ def test_nothing_selected_is_an_error(store):
         build_history([], "accuracy")
     with pytest.raises(ValueError, match="suite=other"):
         load_history(root / "results", "latency", suite="other")
+
+
+def test_thread_counts_are_separate_series():
+    rng = random.Random(3)
+    records = [make_record(CONV, latency=timings(rng, 0.010 * threads, 20), commit=f"{index:040x}", threads=threads,
+                           started=_day(index)) for index in range(3) for threads in (1, 2)]
+    history = build_history(records, "latency")
+    assert sorted(cell.label.split()[-2] for cell in history.cells) == ["threads=1", "threads=2"]
+    assert history.steps == []

@@ -142,12 +142,14 @@ def _print_history(history: History) -> None:
     if not history.steps:
         console.print(f"no step changes in {history.metric} beyond {history.threshold:.0%}")
         return
-    table = Table(title=f"Step changes in {history.metric}")
+    common, short = shorten_labels(cell.label for cell, _ in history.steps)
+    table = Table(title=f"Step changes in {history.metric}",
+                  caption=f"every cell: {escape(common)}" if common else None)
     for column in ("cell", "at commit", "before", "after", "ratio", "p", "result"):
         table.add_column(column, justify="right" if column in ("before", "after", "ratio", "p") else "left")
     for cell, step in history.steps:
         verdict = step.decision.verdict
-        table.add_row(escape(cell.label), step.commit, format_value(history.metric, step.before),
+        table.add_row(escape(short[cell.label]), step.commit, format_value(history.metric, step.before),
                       format_value(history.metric, step.after), format_ratio(step.decision.ratio),
                       format_p(step.decision.p_value), f"[{_STYLES.get(verdict, 'yellow')}]{verdict.value}[/]")
     console.print(table)
