@@ -6,8 +6,8 @@
   call, so each timed call includes the kernels it launched (they run asynchronously), and the timer starts
   after the previous call's kernels have finished.
 - Machine info (``pytest_benchmark_update_machine_info``) records torch's version and thread count, CUDA and
-  cuDNN versions, the GPU's name and drbench's commit: ``--benchmark-compare`` warns when they differ between
-  the saved baseline and the current run.
+  cuDNN versions and the GPU's name: ``--benchmark-compare`` warns when they differ between the saved baseline
+  and the current run (pytest-benchmark keeps the git commit itself, as ``commit_info``).
 
     pytest benchmarks --benchmark-autosave                                       # save a baseline
     pytest benchmarks --benchmark-compare --benchmark-compare-fail=median:10%    # compare with the last one
@@ -20,7 +20,6 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from drbench.environment import git_state
 from drbench.measure.timing import fixed_threads
 
 
@@ -67,12 +66,12 @@ def timed(device: torch.device) -> Callable[[Callable[[], object]], Callable[[],
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    commit, dirty = git_state()
+    # The commit is not machine info: pytest-benchmark stores it as commit_info, and a value that changes with
+    # every commit here would make --benchmark-compare warn that the machines differ.
     machine_info.update(
         torch_version=torch.__version__,
         torch_threads=config.getoption("--bench-threads") or torch.get_num_threads(),
         cuda_version=torch.version.cuda,
         cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         gpu_name=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        drbench_commit=f"{commit}{' (dirty)' if dirty else ''}" if commit else None,
     )
