@@ -393,7 +393,8 @@ def _commit_side(spec: str, results_dir: Path, repo: str | Path | None) -> Side:
     if not kept:
         raise CompareError(f"no results of commit {commit[:7]} ({spec}) in {results_dir}; run `drbench run` on "
                            f"that commit first (commits with results: {known})")
-    return Side(spec, f"commit {commit[:7]} ({spec}) in {results_dir}", kept)
+    named = "" if commit.startswith(spec.lower()) else f" ({spec})"
+    return Side(spec, f"commit {commit[:7]}{named} in {results_dir}", kept)
 
 
 def _git_commit(ref: str, repo: str | Path | None) -> str | None:
