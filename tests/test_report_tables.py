@@ -91,6 +91,12 @@ def test_a_configuration_without_a_fuller_row_keeps_its_own():
     assert math.isnan(table[("drconv", "MACs (M)")].iloc[2])
 
 
+def test_a_cell_that_sets_the_row_key_wins_over_one_that_leaves_it_unset():
+    table = table_of(record(op="drconv", macs=1_000_000),  # the operator's default region count
+                     *(record(op="drconv", macs=m * 1_000_000, regions=m) for m in (4, 8)))
+    assert table[("drconv", "MACs (M)")].tolist() == [4.0, 8.0]
+
+
 def test_rows_sort_numbers_ascending_and_models_in_measured_order():
     records = [record(model, width, "conv", macs=1) for model in ("shufflenetv2", "mobilenetv2")
                for width in (1.0, 0.5)]

@@ -94,18 +94,17 @@ def table_rows(cells: pd.DataFrame, keys: Sequence[str]) -> list[tuple[tuple, di
     """Each row's key values and, per operator, the index of the cell shown in it (sorted by the keys).
 
     A cell leaves a key unset (None) when its operator does not take it; such a partial row is dropped when a
-    fuller row agrees with it on every key it sets, and the cell then appears in that fuller row.
+    fuller row agrees with it on every key it sets, and the cell then appears in that fuller row. Where two cells
+    of one operator fit a row, the one that sets more keys is shown.
     """
     key_values = [tuple(map(hashable_value, row)) for row in cells[list(keys)].itertuples(index=False)]
     candidates = list(dict.fromkeys(key_values))
     rows = [row for row in candidates if not any(other != row and agrees(row, other) for other in candidates)]
+    by_specificity = sorted(zip(cells.index, cells["op"], key_values),
+                            key=lambda item: sum(not is_missing(v) for v in item[2]))
     placed = []
     for row in sorted(rows, key=_row_sorter(cells, keys)):
-        members = {}
-        for index, op, values in zip(cells.index, cells["op"], key_values):
-            if agrees(values, row):
-                members[op] = index
-        placed.append((row, members))
+        placed.append((row, {op: index for index, op, values in by_specificity if agrees(values, row)}))
     return placed
 
 
