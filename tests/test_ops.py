@@ -31,7 +31,8 @@ def test_local_conv_with_one_filter_everywhere_equals_conv2d(groups):
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=groups).double()
     local = LocalConv2d(4, 6, 3, stride=2, padding=1, groups=groups, input_size=(9, 7)).double()
     with torch.no_grad():
-        local.weight.copy_(conv.weight.flatten(1).expand_as(local.weight))
+        per_group = conv.weight.view(groups, 6 // groups, -1).transpose(1, 2)  # (G, C/G*k*k, O/G)
+        local.weight.copy_(per_group.expand_as(local.weight))
         local.bias.copy_(conv.bias.view(-1, 1, 1).expand_as(local.bias))
     x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
     torch.testing.assert_close(local(x), conv(x))
