@@ -183,7 +183,7 @@ def test_summarize_reports_mean_and_spread_of_finished_runs():
 
     summary = summarize([run(50.0), run(54.0), run(None, "diverged")])
     assert summary["top1_mean"] == 52.0 and summary["top1_std"] == pytest.approx(math.sqrt(8))
-    assert summary["runs"] == 3 and summary["diverged"] == 1
+    assert summary["runs"] == 3 and summary["diverged"] == 1 and summary["epoch_time_s_mean"] == 2.0
     assert summarize([run(None, "diverged")])["top1_mean"] is None
 
 

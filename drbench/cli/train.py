@@ -146,8 +146,9 @@ def masks_command(
     except (CheckpointError, DatasetError, ValueError) as error:
         fail(str(error))
     written = render_masks(shown, masks, out, max_layers=layers)
-    console.print(f"wrote {escape(str(written))}: {shown.shape[0]} images x {min(len(masks), layers or len(masks))} "
-                  f"of {len(masks)} DRConv layers")
+    shown_layers = min(len(masks), layers or len(masks))
+    console.print(f"wrote {escape(str(written))}: {shown.shape[0]} images x {shown_layers} of {len(masks)} DRConv layers",
+                  soft_wrap=True)
 
 
 @list_app.command("datasets")

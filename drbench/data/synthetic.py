@@ -5,21 +5,22 @@ It is built for the situation region-aware convolution is meant for: what an ima
 are, because the label is carried by one region of the image (an object) while the rest holds clutter made of the
 same textures.
 
-How an image is generated (32 x 32 RGB; every random draw comes from one ``torch.Generator`` seeded from the
-data set seed and the split):
+How an image is generated (32 x 32 RGB; images are made in chunks of 500, every random draw of a chunk coming from
+one ``torch.Generator`` seeded from the data set seed, the split and the chunk's index):
 
 1. Background: a linear colour gradient between two random colours in a random direction.
-2. Clutter: four small squares (side 4 to 8 px) at random places, each filled with stripes of a random
+2. Clutter: three small squares (side 4 to 7 px) at random places, each filled with stripes of a random
    orientation (near-horizontal or near-vertical), period and pair of colours.
 3. The object, drawn on top: one of five shapes (disc, square, triangle, ring, cross) with a random centre,
-   size (radius 7 to 11 px) and rotation (+-30 degrees), filled with stripes that are either near-horizontal or
-   near-vertical (+-20 degrees), of random period (2.5 to 4.5 px), phase and pair of contrasting colours.
-4. Gaussian pixel noise (sigma 0.06 on a 0..1 scale), then quantisation to uint8.
+   size (radius 8 to 12 px) and rotation (+-30 degrees), filled with stripes that are either near-horizontal or
+   near-vertical (+-20 degrees), of random period (3 to 5 px), phase and pair of contrasting colours.
+4. Gaussian pixel noise (sigma 0.04 on a 0..1 scale), then quantisation to uint8.
 
 The label is (shape, stripe orientation): 5 x 2 = 10 balanced classes. Colour carries no information, and both
 stripe orientations appear in the clutter, so a model must find the object and read the texture *inside* it.
 The held-out "test" split is drawn from the same distribution with other generator seeds, so no image is shared.
-The first n images of a set are the same whatever its size, so a small run trains on a prefix of a large one. A horizontal flip keeps every label (all shapes and orientations are mirror-symmetric in distribution).
+The first n images of a set are the same whatever its size, so a small run trains on a prefix of a large one.
+A horizontal flip keeps every label (all shapes and orientations are mirror-symmetric in distribution).
 
 >>> data = generate(20, seed=0)
 >>> data.images.shape, data.classes[:2]
@@ -40,10 +41,10 @@ SHAPES = ("disc", "square", "triangle", "ring", "cross")
 ORIENTATIONS = ("horizontal", "vertical")
 CLASSES = tuple(f"{shape}, {orientation} stripes" for shape in SHAPES for orientation in ORIENTATIONS)
 IMAGE_SIZE = 32
-TRAIN_IMAGES = 10_000
-TEST_IMAGES = 2_000
-CLUTTER_PATCHES = 4
-NOISE_STD = 0.06
+TRAIN_IMAGES = 4_000
+TEST_IMAGES = 1_000
+CLUTTER_PATCHES = 3
+NOISE_STD = 0.04
 
 
 @register_dataset(
@@ -52,7 +53,7 @@ NOISE_STD = 0.06
     options=("num_images",),
 )
 def load_synthetic(path: Path | None, split: str, seed: int, num_images: int | None = None) -> ImageDataset:
-    """``num_images`` defaults to 10,000 for "train" and 2,000 for "test"."""
+    """``num_images`` defaults to 4,000 for "train" and 1,000 for "test"."""
     default = TRAIN_IMAGES if split == "train" else TEST_IMAGES
     return generate(num_images or default, seed=seed * len(SPLITS) + SPLITS.index(split), split=split)
 
@@ -95,14 +96,14 @@ def _draw_scenes(labels: torch.Tensor, generator: torch.Generator) -> dict[str, 
         "background_start": uniform(0, 1, n, 3, 1, 1),
         "background_end": uniform(0, 1, n, 3, 1, 1),
         "clutter_centre": uniform(0, IMAGE_SIZE, n, CLUTTER_PATCHES, 2),
-        "clutter_half_side": uniform(2, 4, n, CLUTTER_PATCHES),
+        "clutter_half_side": uniform(2, 3.5, n, CLUTTER_PATCHES),
         "object_centre": uniform(10, 22, n, 2),
-        "object_radius": uniform(7, 11, n),
+        "object_radius": uniform(8, 12, n),
         "object_turn": uniform(-math.pi / 6, math.pi / 6, n),
         # stripes of each layer: orientation (the label's for the object), jitter, period, phase, two colours
         "stripe_angle": torch.cat([(labels % len(ORIENTATIONS)).view(n, 1), clutter_vertical], 1) * (math.pi / 2)
         + uniform(-math.pi / 9, math.pi / 9, n, _LAYERS),
-        "stripe_period": uniform(2.5, 4.5, n, _LAYERS),
+        "stripe_period": uniform(3, 5, n, _LAYERS),
         "stripe_phase": uniform(0, 2 * math.pi, n, _LAYERS),
         "stripe_first": first_colour,
         "stripe_second": (first_colour + 0.5 + uniform(-0.15, 0.15, n, _LAYERS, 3)) % 1.0,
