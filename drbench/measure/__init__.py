@@ -1,6 +1,6 @@
-"""Measurements of a model or operator: latency, memory (and complexity).
+"""Measurements of a model or operator: latency, memory, complexity and short-schedule accuracy.
 
->>> from drbench.measure import time_callable, forward_peak_memory
+>>> from drbench.measure import time_callable, forward_peak_memory, train, TrainRecipe
 """
 
 from drbench.measure.complexity import Complexity, LayerComplexity, complexity
@@ -14,6 +14,8 @@ from drbench.measure.timing import (
     train_step_latency,
 )
 
+_ACCURACY = ("AccuracySettings", "TrainProgress", "TrainRecipe", "TrainResult", "Trained", "evaluate", "train")
+
 __all__ = [
     "Complexity",
     "LayerComplexity",
@@ -26,4 +28,15 @@ __all__ = [
     "time_callable",
     "time_interleaved",
     "train_step_latency",
+    *_ACCURACY,
 ]
+
+
+def __getattr__(name: str):
+    # drbench.measure.accuracy registers the accuracy metric, so it imports drbench.metrics, which imports this
+    # package: importing it here at the top would be circular, hence on first use
+    if name in _ACCURACY:
+        from drbench.measure import accuracy
+
+        return getattr(accuracy, name)
+    raise AttributeError(f"module 'drbench.measure' has no attribute {name!r}")
