@@ -98,6 +98,7 @@ def gain_vs_size(cells: pd.DataFrame, config_keys: Sequence[str]) -> Plot | None
     label_keys = ["model", *_differing(groups, [group for group, _ in series], exclude=("model",))]
     families = list(dict.fromkeys(group for group, _ in series))
     for (quantity, label, level), ax in zip(panels, axes):
+        tops: dict[tuple, tuple[float, float]] = {}  # (family, width) -> its highest point: where its label goes
         for group, op in series:
             rows = rows_of[group]
             y, err = _gain(rows, op, quantity)
@@ -107,9 +108,11 @@ def gain_vs_size(cells: pd.DataFrame, config_keys: Sequence[str]) -> Plot | None
                         linestyle=LINESTYLES[line % len(LINESTYLES)], capsize=2,
                         label=_series_label(groups, group, label_keys, op))
             for xi, yi, width in zip(x, y, rows.index.get_level_values("width")):
-                if not math.isnan(yi):
-                    ax.annotate(f"{format_value(width)}x", (xi, yi), textcoords="offset points", xytext=(3, 3),
-                                fontsize=6, color="#555555")
+                if not math.isnan(yi) and yi > tops.get((group, width), (xi, -math.inf))[1]:
+                    tops[(group, width)] = (xi, yi)
+        for (_, width), point in tops.items():
+            ax.annotate(f"{format_value(width)}x", point, textcoords="offset points", xytext=(3, 3), fontsize=6,
+                        color="#555555")
         ax.axhline(level, color="#888888", linewidth=0.8, linestyle=":")
         _log_scale(ax, "x", table[(BASELINE_OP, macs.header)])
         ax.set_xlabel("model size: MACs of the standard-conv model (M)")
