@@ -12,7 +12,8 @@
   arrive in completion order); see :mod:`drbench.executors`. Whatever the executor, this process alone writes the
   run's results file.
 - Device: ``device`` (the ``--device`` flag) wins over the suite's cell setting, which wins over drbench.toml's
-  ``run.device``; ``auto`` means CUDA when available. Threads: ``run.threads`` of the config (0: torch's default),
+  ``run.device``; ``auto`` means CUDA when available (for cells measured entirely as SLURM jobs: when the jobs get
+  GPUs). Threads: ``run.threads`` of the config (0: torch's default),
   fixed with ``torch.set_num_threads`` for the whole run and recorded in every record.
 
 >>> from drbench.config import load_config
@@ -35,7 +36,7 @@ import torch
 
 from drbench.config import Config
 from drbench.environment import capture_environment
-from drbench.executors import Dispatch, PartOutcome
+from drbench.executors import Dispatch, PartOutcome, job_device
 from drbench.measure.timing import fixed_threads
 from drbench.results import SCHEMA_VERSION, ResultsStore, new_run_id, resume_key
 from drbench.suite import Cell, Suite, matches, parse_filter
@@ -118,7 +119,7 @@ def plan(
     cells = []
     for cell in suite.cells:
         chosen = device or (cell.device if cell.device != "auto" else config.get("run.device"))
-        resolved = cell.with_device(resolve_device(chosen))
+        resolved = cell.with_device(job_device(chosen, list(suite.metrics), config) or resolve_device(chosen))
         if rule is None or matches(resolved.config(), rule):
             cells.append(resolved)
     done = set() if force else _store(suite, config, results_dir).completed()
@@ -201,10 +202,18 @@ def _skeleton(suite: Suite, cell: Cell, run_id: str = "", started: str | None = 
         "error": None,
         "traceback": None,
         "metrics": {},
-        "env": env if env is not None else capture_environment(cell.torch_device),
+        "env": env if env is not None else _local_environment(cell),
         "started": started,
         "duration_s": None,
     }
+
+
+def _local_environment(cell: Cell) -> dict:
+    """This process's environment for ``cell``: for resume keys (commit, machine, threads) and for records whose
+    worker died before describing its own. A CUDA cell planned on a machine without CUDA (a cluster's login
+    node) is described on the CPU."""
+    device = cell.torch_device
+    return capture_environment(device if device.type != "cuda" or torch.cuda.is_available() else "cpu")
 
 
 def _store(suite: Suite, config: Config, results_dir: str | Path | None) -> ResultsStore:

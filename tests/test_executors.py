@@ -9,8 +9,6 @@ from pathlib import Path
 
 import executor_plugin  # noqa: F401  (registers the test metrics, here and in every worker)
 import pytest
-import submitit
-from submitit.core.utils import UncompletedJobError
 from typer.testing import CliRunner
 
 from drbench.cli import app
@@ -28,7 +26,7 @@ from drbench.executors.process import describe_exit
 from drbench.executors.settings import SlurmSettings
 from drbench.executors.slurm import SlurmExecutor, submitit_parameters
 from drbench.results import read_records
-from drbench.runner import plan, record_from_parts, run_suite
+from drbench.runner import plan, record_from_parts, resolve_device, run_suite
 from drbench.suite import parse_suite
 
 FAULTS = """\
@@ -110,6 +108,7 @@ def test_gpus_pin_one_worker_each_and_metrics_can_go_to_different_executors(tmp_
 
 @pytest.mark.slow
 def test_submitit_local_cluster_stores_the_same_cells_as_an_in_process_run(tmp_path):
+    pytest.importorskip("submitit")  # the [cluster] extra
     suite = parse_suite(TINY + "  macs: {}\n  params: {}\n")
     here = run_suite(suite, load_config(overrides=settings(tmp_path / "here")))
     jobs = load_config(overrides=settings(tmp_path / "jobs", **{"executor.name": "slurm", "slurm.cluster": "local",
@@ -130,6 +129,7 @@ def test_submitit_local_cluster_stores_the_same_cells_as_an_in_process_run(tmp_p
 
 def test_slurm_settings_become_the_sbatch_script(tmp_path, monkeypatch):
     """Without a cluster: submitit writes the sbatch script from drbench's [slurm] settings."""
+    submitit = pytest.importorskip("submitit")
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit's SLURM executor looks for srun on PATH
@@ -149,6 +149,8 @@ def test_slurm_settings_become_the_sbatch_script(tmp_path, monkeypatch):
 
 
 def test_a_failed_job_is_its_cells_error_with_submitits_message(tmp_path):
+    UncompletedJobError = pytest.importorskip("submitit.core.utils").UncompletedJobError
+
     class LostJob:
         job_id = "4242_3"
 
@@ -177,6 +179,21 @@ def test_a_record_joins_its_parts_in_the_suites_metric_order():
     assert (record["status"], record["error"], record["duration_s"]) == ("error", "WorkerCrashed: boom", 3.0)
     assert [(p["executor"], p["metrics"], p["pid"]) for p in record["execution"]] == [
         ("local", ["params", "latency"], 1), ("process", ["fault"], 2)]
+
+
+def test_cells_measured_as_jobs_take_their_device_from_the_jobs(tmp_path):
+    """A login node without GPUs plans GPU jobs: ``auto`` follows ``slurm.gpus_per_task``, and ``cuda`` is not
+    refused here; when some metric is measured here, the device is resolved here."""
+    suite = parse_suite(TINY + "  params: {}\n")
+    jobs = {"executor.name": "slurm"}
+    assert {p.cell.device for p in plan(suite, load_config(overrides=settings(
+        tmp_path, **jobs, **{"slurm.gpus_per_task": 1})))} == {"cuda"}
+    assert {p.cell.device for p in plan(suite, load_config(overrides=settings(tmp_path, **jobs)))} == {"cpu"}
+    assert {p.cell.device for p in plan(suite, load_config(overrides=settings(tmp_path, **jobs)), device="cuda")} == {
+        "cuda"}
+    split = load_config(overrides=settings(tmp_path, **jobs, **{"slurm.gpus_per_task": 1,
+                                                                "executor.metrics": {"params": "local"}}))
+    assert {p.cell.device for p in plan(suite, split)} == {resolve_device("auto")}
 
 
 def test_metrics_are_routed_to_their_executors():

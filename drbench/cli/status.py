@@ -13,8 +13,9 @@ from rich.table import Table
 from drbench.cli.app import app, console, err_console, fail
 from drbench.cli.run import CONFIG_OPTION, DEVICE_OPTION, _config, _suite
 from drbench.config import Config
+from drbench.executors import ExecutorError
 from drbench.results import StoreWarning
-from drbench.status import StatusReport, suite_root, suite_status
+from drbench.status import StatusReport, suite_status
 from drbench.suite import Suite
 
 _STYLES = {"done": "green", "running": "cyan", "failed": "red", "pending": "yellow"}
@@ -38,7 +39,7 @@ def status_command(
         warnings.simplefilter("always", StoreWarning)
         try:
             reports = [suite_status(results_dir, loaded, config, device=device) for loaded in suites]
-        except ValueError as error:
+        except (ValueError, ExecutorError) as error:
             fail(str(error))
     for warning in caught:
         err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False)
@@ -54,10 +55,9 @@ def _suites_in(results_dir: Path, config: Config) -> list[Suite]:
     if not folders:
         fail(f"{results_dir}: no results here; give the folder that holds <suite>/ or a suite's folder")
     suites_dir = Path(config.get("paths.suites_dir"))
-    missing = [folder.name for folder in folders if not (suites_dir / f"{folder.name}.yaml").is_file()]
-    if missing:
-        fail(f"{results_dir}: no suite file {suites_dir}/{missing[0]}.yaml for the results in "
-             f"{suite_root(results_dir, missing[0]) / missing[0]}; pass --suite FILE")
+    for folder in folders:
+        if not (suites_dir / f"{folder.name}.yaml").is_file():
+            fail(f"no suite file {suites_dir}/{folder.name}.yaml for the results in {folder}; pass --suite FILE")
     return [_suite(folder.name, config) for folder in folders]
 
 

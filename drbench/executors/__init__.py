@@ -94,8 +94,7 @@ def interference_warning(metric_names: Sequence[str], config: Config) -> str | N
     """A warning when timed metrics would be measured by several workers sharing this machine at once."""
     settings: ExecutorSettings = config.section("executor")
     workers = len(settings.gpus) or settings.workers or 1
-    timed = [name for name, executor in _flat(route_metrics(metric_names, settings)).items()
-             if name in TIMED_METRICS and executor == "process"]
+    timed = [name for name in route_metrics(metric_names, settings).get("process", ()) if name in TIMED_METRICS]
     if not timed or workers < 2:
         return None
     return (f"{', '.join(timed)} measured by {workers} worker processes at once on this machine: their timings "
@@ -103,8 +102,15 @@ def interference_warning(metric_names: Sequence[str], config: Config) -> str | N
             "([executor] metrics = {latency = \"local\"} in drbench.toml)")
 
 
-def _flat(routes: Mapping[str, Sequence[str]]) -> dict[str, str]:
-    return {metric: executor for executor, names in routes.items() for metric in names}
+def job_device(requested: str, metric_names: Sequence[str], config: Config) -> str | None:
+    """The device of cells measured entirely as SLURM jobs, which this machine (a login node without GPUs) cannot
+    check: ``auto`` means ``cuda`` when the jobs get GPUs (``slurm.gpus_per_task``), else ``cpu``. None when some
+    metric is measured elsewhere: the device is then resolved here, as usual."""
+    if set(route_metrics(metric_names, config.section("executor"))) != {"slurm"}:
+        return None
+    if requested == "auto":
+        return "cuda" if config.section("slurm").gpus_per_task > 0 else "cpu"
+    return requested
 
 
 class Dispatch:
@@ -169,6 +175,7 @@ __all__ = [
     "SlurmSettings",
     "create_executor",
     "interference_warning",
+    "job_device",
     "measure_part",
     "route_metrics",
 ]

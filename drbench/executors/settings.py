@@ -22,14 +22,14 @@ imports it, so ``load_config`` knows them wherever suites are run.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drbench.config import register_config_section
 
 ExecutorName = Literal["local", "process", "slurm"]
-EXECUTOR_NAMES: tuple[str, ...] = ExecutorName.__args__
+EXECUTOR_NAMES: tuple[str, ...] = get_args(ExecutorName)
 
 
 class _Settings(BaseModel):
