@@ -214,7 +214,8 @@ def sweep(cells: pd.DataFrame, config_keys: Sequence[str], axis: str) -> Plot | 
         ax.grid(alpha=0.3)
     _legend_below(figure, axes[0])
     name = "input size" if spatial else "region count"
-    title = f"MACs, params and latency vs {name}"
+    names = [q.name for q in panels]
+    title = f"{', '.join(names[:-1])} and {names[-1]} vs {name}" if len(names) > 1 else f"{names[0]} vs {name}"
     figure.suptitle(title, fontsize=9)
     caption = (f"Lines: cells measured at several {name}s; level lines: operators of the same setting without "
                f"{axis}. Latency error bars: quartiles of the samples."
@@ -312,7 +313,9 @@ def _log_scale(ax: Axes, which: str, values: pd.Series) -> None:
         return
     low, high = finite.min(), finite.max()
     decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
-    ticks = [m * 10.0**e for e in decades for m in (1, 2, 5) if low / 1.6 <= m * 10.0**e <= high * 1.6]
+    ticks = [m * 10.0**e for e in decades for m in (1, 2, 5) if low <= m * 10.0**e <= high]
+    if len(ticks) < 2:  # a narrow range: tick the values themselves, to two significant digits
+        ticks = sorted({float(f"{value:.2g}") for value in finite})
     axis.set_major_locator(FixedLocator(ticks))
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_locator(NullLocator())
