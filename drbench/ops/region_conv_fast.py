@@ -127,7 +127,7 @@ def tile_positions(mask: torch.Tensor, regions: int, samples_per_chunk: int) -> 
     split_count = per_chunk.scatter_add(0, chunk_of_sample, split_tiles.view(batch, regions).sum(1))
     split = split_count * (split_size + _FILTER_COPY_SLOTS) < one_tile_slots
     size = torch.where(split, split_size, _round_up(largest, _TILE_ALIGN))
-    split_bucket = split.gather(0, chunk_of_sample)[:, None]
+    split_bucket = split.index_select(0, chunk_of_sample)[:, None]
     tiles_per_bucket = torch.where(split_bucket, split_tiles.view(batch, regions), 1).flatten()
     chunk_tiles = per_chunk.scatter_add(0, chunk_of_sample, tiles_per_bucket.view(batch, regions).sum(1))
     chunk_slots = chunk_tiles * size
@@ -135,16 +135,16 @@ def tile_positions(mask: torch.Tensor, regions: int, samples_per_chunk: int) -> 
     first_tile = torch.cumsum(tiles_per_bucket, 0) - tiles_per_bucket
     chunk_first_tile = torch.cumsum(chunk_tiles, 0) - chunk_tiles
     chunk_first_slot = torch.cumsum(chunk_slots, 0) - chunk_slots
-    rank = torch.arange(key.numel(), device=device) - (torch.cumsum(counts, 0) - counts).gather(0, sorted_key)
-    chunk = chunk_of_sample.gather(0, sorted_key // regions)
-    slot_size = size.gather(0, chunk)
-    tile_in_chunk = first_tile.gather(0, sorted_key) + rank // slot_size - chunk_first_tile.gather(0, chunk)
+    rank = torch.arange(key.numel(), device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, sorted_key)
+    chunk = chunk_of_sample.index_select(0, sorted_key // regions)
+    slot_size = size.index_select(0, chunk)
+    tile_in_chunk = first_tile.index_select(0, sorted_key) + rank // slot_size - chunk_first_tile.index_select(0, chunk)
     slot_in_chunk = tile_in_chunk * slot_size + rank % slot_size
 
     sizes, tile_counts, splits, first_tiles, first_slots = torch.stack(
         [size, chunk_tiles, split.long(), chunk_first_tile, chunk_first_slot]).tolist()
     slot_position = torch.full((first_slots[-1] + tile_counts[-1] * sizes[-1],), -1, dtype=torch.long, device=device)
-    slot_position.scatter_(0, chunk_first_slot.gather(0, chunk) + slot_in_chunk, order % positions)
+    slot_position.scatter_(0, chunk_first_slot.index_select(0, chunk) + slot_in_chunk, order % positions)
     # The bucket of each tile is the number of buckets starting at or before it, less one (empty buckets start where
     # the next one does). repeat_interleave says the same, but it parallelises tiny loops: tens of times slower on a
     # busy 2-core CPU.
@@ -236,7 +236,7 @@ def _gather_columns(source, tiles: RegionTiles, chunk: TileChunk, part, offsets=
     count = last - first
     base = tiles.slot_position[chunk.slots[0] + part[0] * chunk.size:chunk.slots[0] + part[1] * chunk.size]
     if position_base is not None:
-        base = position_base.gather(0, base)
+        base = position_base.index_select(0, base)
     base = base.view(count, 1, chunk.size) + (tiles.tile_sample[first:last] * (rows * length))[:, None, None]
     index = base if offsets is None else (base + offsets[:, None]).view(count, 1, -1)
     every_sample = source.as_strided((count, rows, batch * rows * length - (rows - 1) * length), (0, length, 1))
