@@ -17,8 +17,8 @@ $(BIN)/drbench: pyproject.toml
 setup: $(BIN)/drbench
 
 demo: setup
-	$(BIN)/drbench list ops
-	$(BIN)/drbench bench-ops --batch 8 --channels 116 --size 28 --regions 8 --budget 2
+	$(BIN)/drbench run suites/quick.yaml
+	$(BIN)/drbench report results/quick
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q
