@@ -45,7 +45,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from scipy.stats import mannwhitneyu, ttest_ind
 
 from drbench.results import read_records
 from drbench.suite import Cell
@@ -112,6 +111,8 @@ def decide_samples(
     'regressed'
     """
     ratio = _ratio(statistics.median(current), statistics.median(baseline))
+    from scipy.stats import mannwhitneyu  # scipy.stats takes seconds to import: only when a test runs
+
     p_value = float(mannwhitneyu(baseline, current, alternative="two-sided").pvalue)
     smallest_p = min_p_value(len(baseline), len(current))
     if smallest_p < P_THRESHOLD:
@@ -161,6 +162,8 @@ def decide_seeds(
         return Decision(_direction(ratio, 0.0, higher_is_better), ratio, None, "identical seeds: any change")
     p_value = None
     if len(baseline) >= 2 and len(current) >= 2:
+        from scipy.stats import ttest_ind
+
         p_value = float(ttest_ind(current, baseline, equal_var=False).pvalue)
     significant = abs(mean_c - mean_b) > SEED_SPREADS * pooled_std
     return Decision(_direction(ratio, 0.0, higher_is_better) if significant else Verdict.UNCHANGED, ratio,

@@ -11,7 +11,6 @@ from rich.markup import escape
 from drbench.cli.app import app, console, err_console, fail
 from drbench.cli.run import CONFIG_OPTION
 from drbench.config import ConfigError, load_config
-from drbench.report import build_report
 
 
 @app.command("report")
@@ -22,6 +21,8 @@ def report_command(
 ) -> None:
     """Write a report folder: index.md, index.html (opens from disk), CSV tables and PNG/SVG plots."""
     try:
+        from drbench.report import build_report  # matplotlib: imported only when a report is made
+
         report = build_report(results, out, config=load_config(config_file))
     except (ConfigError, FileNotFoundError, ValueError) as error:
         fail(escape(str(error)))
