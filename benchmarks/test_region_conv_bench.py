@@ -14,7 +14,12 @@ excluded) over the bytes of the input plus the output. On CPU it comes from ``to
 of which carries the allocator's running total of allocated bytes; on CUDA from ``torch.cuda.max_memory_allocated``.
 The fast forward must stay within 2x (asserted); the reference holds all m outputs.
 
-    pytest benchmarks/test_region_conv_bench.py -s        # -s prints one line per case with the ratio
+    OMP_WAIT_POLICY=PASSIVE pytest benchmarks/test_region_conv_bench.py -s    # -s: one line per case
+
+On a machine shared with other busy processes, set ``OMP_WAIT_POLICY=PASSIVE``: with OpenMP's default, a thread
+that reaches the end of a parallel region spins while its partner waits for a core, and an implementation made of
+many parallel operations (the fast one: gathers, matmuls, scatters per chunk) loses several times more to that
+than one convolution does.
 """
 
 from __future__ import annotations

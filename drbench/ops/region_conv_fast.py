@@ -2,8 +2,8 @@
 
 The reference computes every region's output everywhere (m convolutions). Here the output positions are bucketed
 by (sample, region) and laid out in tiles of T slots; a tile is one matrix product of its region's filter
-(O, C*kh*kw) with the patches of its positions (C*kh*kw, T), and a chunk of samples' tiles go through one batched
-matmul. The multiply-adds are a convolution's plus the padding of each bucket's last tile. Patches are gathered
+(O, C*kh*kw) with the patches of its positions (C*kh*kw, T), and many tiles go through each batched matmul. The
+multiply-adds are a convolution's plus the padding of each bucket's last tile. Patches are gathered
 straight from the (padded) input into tile order, a chunk of samples at a time, so a k x k kernel never holds the
 whole im2col and each chunk's patches are still in cache when the matmul reads them.
 
@@ -47,7 +47,7 @@ def _round_up(value, multiple: int):
 
 @dataclass(frozen=True)
 class TileChunk:
-    """Consecutive samples whose tiles (all of ``size`` slots) go through one batched matmul.
+    """Consecutive samples whose tiles, all of ``size`` slots, are computed together.
 
     ``samples``, ``buckets``, ``tiles`` and ``slots`` are [first, last) ranges into the batch, its buckets and the
     flat arrays of :class:`RegionTiles`. ``split`` is False when tile i of the chunk is its bucket i.
@@ -277,8 +277,8 @@ def _tile_parts(chunk: TileChunk, rows: int, budget: int):
 class RegionConv2dFast(torch.autograd.Function):
     """Bucketed implementation: a convolution's multiply-adds forward, exact gradients for ``x`` and ``filters``.
 
-    Beyond its output, the forward holds at once a chunk's tiled output and gathered patches (at most about
-    4 MB, or half its input plus output when smaller, or one sample's patches), the tiling's index arrays (a few
+    Beyond its output, the forward holds at once a chunk's tiled output, gathered patches (at most 2**20 elements
+    or half the input plus output, whichever is smaller, but at least one tile's), the tiling's index arrays (a few
     int64 per output position) and, when padding > 0, a padded copy of the input.
     """
 
