@@ -164,7 +164,8 @@ def test_a_failed_job_is_its_cells_error_with_submitits_message(tmp_path):
     outcome = SlurmExecutor(SlurmSettings(), tmp_path, "drbench-tiny")._outcome(task, LostJob())
     assert outcome.error == ("JobFailed: job 4242_3: Job 4242_3 (task: 0) with path /x has not produced any output "
                              "(state: TIMEOUT)")
-    assert "slurmstepd: CANCELLED" in outcome.traceback and outcome.worker == {"slurm_job_id": "4242_3"}
+    assert "slurmstepd: CANCELLED" in outcome.traceback
+    assert outcome.worker == {"hostname": None, "pid": None, "cuda_visible_devices": None, "slurm_job_id": "4242_3"}
 
 
 def test_a_record_joins_its_parts_in_the_suites_metric_order():

@@ -120,18 +120,25 @@ def measure_part(task: PartTask, status: Callable[[str], None] = lambda text: No
 
 def failed_part(task: PartTask, error: str, started: str, duration_s: float, worker: dict[str, Any] | None = None,
                 trace: str | None = None) -> PartOutcome:
-    """The outcome of a part whose worker died or was stopped (it could not release its claim: we do)."""
+    """The outcome of a part whose worker died or was stopped (it could not release its claim: we do).
+
+    ``duration_s`` is the time until the failure was noticed; ``worker`` what is known of the worker."""
     if task.claims is not None:
         release_claim(task.claims, task.cell.config_hash(), task.executor)
+    known = {**dict.fromkeys(WORKER_KEYS), **(worker or {})}
     return PartOutcome(task.index, task.executor, tuple(task.metrics), {}, error, trace, None, started, duration_s,
-                       worker or {})
+                       known)
+
+
+WORKER_KEYS = ("hostname", "pid", "cuda_visible_devices", "slurm_job_id")
 
 
 def worker_description(pid: int | None = None, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """Where a worker runs: host, pid, the GPUs it may see, its SLURM job (default: this process)."""
-    return {"hostname": socket.gethostname(), "pid": os.getpid() if pid is None else pid,
-            "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES"),
-            "slurm_job_id": environ.get("SLURM_JOB_ID")}
+    """Where a worker runs (:data:`WORKER_KEYS`): host, pid, the GPUs it may see, its SLURM job (default: this
+    process)."""
+    values = (socket.gethostname(), os.getpid() if pid is None else pid, environ.get("CUDA_VISIBLE_DEVICES"),
+              environ.get("SLURM_JOB_ID"))
+    return dict(zip(WORKER_KEYS, values))
 
 
 def utc_now() -> str:
