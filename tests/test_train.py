@@ -155,6 +155,18 @@ def test_same_seed_same_result_to_the_last_digit():
     assert other.result.train_loss != first.result.train_loss
 
 
+@pytest.mark.parametrize("op, options", [("drconv", {"regions": 4}), ("condconv", {"experts": 4})])
+def test_dynamic_operators_train_deterministically(op, options):
+    train_set = get_dataset("synthetic", split="train", limit=16)
+    test_set = get_dataset("synthetic", split="test", limit=8)
+    config = model_config_for("shufflenetv2", train_set, width=0.5, op=op, **options)
+    recipe = TrainRecipe(epochs=2, batch_size=8)
+    first, again = (train(lambda: create_model(**config), train_set, test_set, recipe, seed=3) for _ in range(2))
+    assert first.result.train_loss == again.result.train_loss and first.result.top1 == again.result.top1
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, again.model.state_dict()[name]), name
+
+
 def test_a_diverged_run_is_recorded_not_raised():
     result = train(tiny_cnn, colour_dataset(64, 0), colour_dataset(32, 1, "test"),
                    TrainRecipe(epochs=3, batch_size=32, lr=1e30), seed=0).result

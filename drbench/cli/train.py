@@ -58,7 +58,9 @@ def train_command(
     experts: Optional[int] = typer.Option(None, "--experts", help="CondConv experts (condconv's default: 8)."),
     placement: str = typer.Option("default", "--placement", help="Which convolutions become --op."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set (default: data.dataset, 'synthetic')."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Folder of an on-disk data set (default: data.data_path)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Folder of an on-disk data set (default: data.data_path)."
+    ),
     data_seed: int = typer.Option(0, "--data-seed", help="Seed of the data set itself (synthetic images, splits)."),
     train_images: Optional[int] = typer.Option(None, "--train-images", min=1, help="Train on the first N only."),
     test_images: Optional[int] = typer.Option(None, "--test-images", min=1, help="Evaluate on the first N only."),
@@ -112,7 +114,8 @@ def train_command(
     else:
         _print_result(summary)
     if result.status == "diverged":
-        err_console.print(f"[yellow]warning:[/] training diverged (non-finite loss in epoch {result.diverged_at_epoch})")
+        epoch = result.diverged_at_epoch
+        err_console.print(f"[yellow]warning:[/] training diverged (non-finite loss in epoch {epoch})")
 
 
 def _print_result(summary: dict[str, Any]) -> None:
@@ -147,8 +150,10 @@ def masks_command(
         fail(str(error))
     written = render_masks(shown, masks, out, max_layers=layers)
     shown_layers = min(len(masks), layers or len(masks))
-    console.print(f"wrote {escape(str(written))}: {shown.shape[0]} images x {shown_layers} of {len(masks)} DRConv layers",
-                  soft_wrap=True)
+    console.print(
+        f"wrote {escape(str(written))}: {shown.shape[0]} images x {shown_layers} of {len(masks)} DRConv layers",
+        soft_wrap=True,
+    )
 
 
 @list_app.command("datasets")

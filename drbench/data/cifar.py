@@ -43,7 +43,12 @@ CIFAR10 = CifarLayout(
     b"label_names",
 )
 CIFAR100 = CifarLayout(
-    "cifar100", "cifar-100-python", {"train": ("train",), "test": ("test",)}, "meta", b"fine_labels", b"fine_label_names"
+    "cifar100",
+    "cifar-100-python",
+    {"train": ("train",), "test": ("test",)},
+    "meta",
+    b"fine_labels",
+    b"fine_label_names",
 )
 CIFAR_IMAGE = (3, 32, 32)
 
@@ -72,7 +77,9 @@ def load_cifar(layout: CifarLayout, path: Path, split: str) -> ImageDataset:
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != np.prod(CIFAR_IMAGE):
             raise DatasetError(f"{file}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
         if batch_labels.shape != (data.shape[0],):
-            raise DatasetError(f"{file}: expected {data.shape[0]} labels under {layout.label_key!r}, got {batch_labels.shape}")
+            raise DatasetError(
+                f"{file}: expected {data.shape[0]} labels under {layout.label_key!r}, got {batch_labels.shape}"
+            )
         images.append(torch.from_numpy(data.reshape(-1, *CIFAR_IMAGE).copy()))
         labels.append(torch.from_numpy(batch_labels.astype(np.int64)))
     try:

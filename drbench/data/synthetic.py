@@ -115,8 +115,10 @@ def _render(s: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Ten
     n = s["shape"].shape[0]
     rows, cols = _pixel_grid()
 
-    ramp = (cols - IMAGE_SIZE / 2) * s["background_angle"].cos() + (rows - IMAGE_SIZE / 2) * s["background_angle"].sin()
-    background = s["background_start"] + (s["background_end"] - s["background_start"]) * (ramp / IMAGE_SIZE + 0.5).unsqueeze(1)
+    angle = s["background_angle"]
+    ramp = ((cols - IMAGE_SIZE / 2) * angle.cos() + (rows - IMAGE_SIZE / 2) * angle.sin()) / IMAGE_SIZE + 0.5
+    start, end = s["background_start"], s["background_end"]
+    background = start + (end - start) * ramp.unsqueeze(1)
 
     # which layer covers each pixel (-1: background); later layers paint over earlier ones, the object last
     layer = torch.full((n, IMAGE_SIZE, IMAGE_SIZE), -1, dtype=torch.long)
@@ -158,7 +160,8 @@ def _pixel_grid() -> tuple[torch.Tensor, torch.Tensor]:
 def _object_mask(s: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """(n, H, W): the pixels inside each image's object, each image tested against its own shape only."""
     n = s["shape"].shape[0]
-    centre, radius, turn = s["object_centre"].view(n, 2, 1, 1), s["object_radius"].view(n, 1, 1), s["object_turn"].view(n, 1, 1)
+    centre = s["object_centre"].view(n, 2, 1, 1)
+    radius, turn = s["object_radius"].view(n, 1, 1), s["object_turn"].view(n, 1, 1)
     dr, dc = rows - centre[:, 0], cols - centre[:, 1]
     u = (dc * turn.cos() + dr * turn.sin()) / radius  # object-frame coordinates in units of the radius
     v = (dr * turn.cos() - dc * turn.sin()) / radius

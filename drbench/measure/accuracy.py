@@ -256,7 +256,7 @@ def train(
         images_per_s=steps * batch_size / train_time,
         device=str(device),
         threads=torch.get_num_threads(),
-        autocast_dtype=None if precision.autocast_dtype is None else str(precision.autocast_dtype).removeprefix("torch."),
+        autocast_dtype=precision.autocast_name,
         channels_last=precision.channels_last,
         recipe=recipe.model_dump(),
         diverged_at_epoch=diverged_at,
@@ -363,6 +363,11 @@ class Precision:
         return cls(dtype if recipe.amp else None, recipe.channels_last)
 
     @property
+    def autocast_name(self) -> str | None:
+        """``"bfloat16"``, ``"float16"`` or None, for results."""
+        return None if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
+
+    @property
     def needs_loss_scaling(self) -> bool:
         return self.autocast_dtype == torch.float16
 
@@ -409,7 +414,8 @@ def _check_compatible(train_set: ImageDataset, test_set: ImageDataset) -> None:
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch's RNGs (restoring them afterwards); deterministic algorithms on CPU, where torch has them all."""
     devices = [device.index or 0] if device.type == "cuda" else []
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         if device.type == "cpu":
