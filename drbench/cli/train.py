@@ -82,7 +82,10 @@ def train_command(
         recipe_values = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "schedule": schedule,
                          "time_budget_s": time_budget}
         recipe = TrainRecipe(**{key: value for key, value in recipe_values.items() if value is not None})
-        source = {"name": config.get("data.dataset"), "data_path": config.get("data.data_path"), "seed": data_seed}
+        data_path = config.get("data.data_path")
+        # absolute, so that a checkpoint finds its data from any working directory (drbench masks)
+        data_path = None if data_path is None else str(Path(data_path).expanduser().resolve())
+        source = {"name": config.get("data.dataset"), "data_path": data_path, "seed": data_seed}
         train_set = get_dataset(split="train", limit=train_images, **source)
         test_set = get_dataset(split="test", limit=test_images, **source)
         model_config = model_config_for(
