@@ -111,8 +111,9 @@ def test_sigint_mid_matrix_loses_at_most_the_cell_in_flight_and_resumes_to_the_s
     command = [sys.executable, "-c", "from drbench.cli import main; main()", "run", str(suite_path),
                "--results-dir", str(results), "--threads", "1"]
     env = {**os.environ, "COLUMNS": "200"}
+    # SIGINT as a terminal delivers it, even where CI started this test with SIGINT ignored (inherited by children).
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not _stored_lines(results) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)

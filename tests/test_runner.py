@@ -120,7 +120,16 @@ def test_a_suite_being_run_elsewhere_is_refused(config):
             run_suite(suite, config)
 
 
-def test_sigint_while_a_record_is_written_is_delivered_after_it():
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler for the test: a process started in the background of a non-interactive shell
+    (as CI may start it) inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_while_a_record_is_written_is_delivered_after_it(python_sigint_handler):
     steps = []
     with pytest.raises(KeyboardInterrupt):
         with _sigint_deferred():
