@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch from the pinned release; without it pip would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow test-timing clean
 
 $(BIN)/drbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,15 @@ demo: setup
 	$(BIN)/drbench report results/quick
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow and not timing" -q
 
 # pytest exits 5 when no test carries the marker: not a failure.
 test-slow: setup
-	$(BIN)/python -m pytest -m slow -q || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m "slow and not timing" -q || [ $$? -eq 5 ]
+
+# Real latency comparisons between runs: meaningful only on a quiet machine, so not part of CI.
+test-timing: setup
+	$(BIN)/python -m pytest -m timing -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

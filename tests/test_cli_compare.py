@@ -114,7 +114,7 @@ def _measure(results_dir: Path) -> Path:
     return results_dir / "tiny"
 
 
-@pytest.mark.slow
+@pytest.mark.timing
 def test_the_same_suite_measured_twice_is_not_a_regression_and_doubled_conv_work_is(tmp_path, monkeypatch):
     """Real timings, so a quiet machine is assumed: the rule judges the noise within each run, and a machine
     whose load changes between two runs (other jobs starting) shifts every sample of the second run alike."""
@@ -134,7 +134,7 @@ def test_the_same_suite_measured_twice_is_not_a_regression_and_doubled_conv_work
     assert runner.invoke(app, ["compare", str(first), str(slowed)]).exit_code == 1
 
 
-@pytest.mark.slow
+@pytest.mark.timing
 def test_threads_1_against_threads_2_is_flagged_from_the_command_line(tmp_path):
     """The issue's check as a new user runs it: the same suite with --threads 2, then --threads 1.
 
