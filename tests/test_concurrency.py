@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -30,8 +31,11 @@ def test_two_runs_at_once_store_each_cell_exactly_once(tmp_path):
     (tmp_path / "race.yaml").write_text(SUITE)
     common = ["run", "race.yaml", "--results-dir", "results", "--threads", "1"]
     commands = [[DRBENCH, *common, "--executor", "process", "--workers", "2"], [DRBENCH, *common]]
-    runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for command in commands]
+    # Each run records the git commit it sees and resume compares it: hide the repository, so that a commit
+    # landing in this checkout between the two runs (other work in the same tree) cannot tell them apart.
+    env = {**os.environ, "GIT_DIR": str(tmp_path / "no-repository")}
+    runs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for command in commands]
     outputs = [" ".join(run.communicate(timeout=600)[0].split()) for run in runs]
     codes = [run.returncode for run in runs]
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from drbench.cli import app
 from drbench.config import ConfigError, load_config
+from drbench.environment import git_state
 from drbench.executors import (
     Dispatch,
     ExecutorError,
@@ -55,7 +56,18 @@ def settings(tmp_path: Path, **overrides) -> dict:
     return {"paths.results_dir": str(tmp_path / "results"), "run.threads": 1, **overrides}
 
 
-def test_a_crash_a_segfault_and_a_hang_are_their_cells_errors_and_the_rest_is_stored_once(tmp_path):
+@pytest.fixture
+def no_commit(tmp_path, monkeypatch):
+    """Workers and jobs record the git commit they see, and resume compares it: a commit landing in this
+    checkout during the test (other work in the same tree) would make them differ from this process. With no
+    repository in sight, every process of the test records none."""
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-repository"))
+    git_state.cache_clear()
+    yield
+    git_state.cache_clear()
+
+
+def test_a_crash_a_segfault_and_a_hang_are_their_cells_errors_and_the_rest_is_stored_once(tmp_path, no_commit):
     config = load_config(overrides=settings(tmp_path, **{"executor.name": "process", "executor.workers": 2,
                                                          "executor.timeout_s": 5}))
     suite = parse_suite(FAULTS)
@@ -107,7 +119,7 @@ def test_gpus_pin_one_worker_each_and_metrics_can_go_to_different_executors(tmp_
 
 
 @pytest.mark.slow
-def test_submitit_local_cluster_stores_the_same_cells_as_an_in_process_run(tmp_path):
+def test_submitit_local_cluster_stores_the_same_cells_as_an_in_process_run(tmp_path, no_commit):
     pytest.importorskip("submitit")  # the [cluster] extra
     suite = parse_suite(TINY + "  macs: {}\n  params: {}\n")
     here = run_suite(suite, load_config(overrides=settings(tmp_path / "here")))
