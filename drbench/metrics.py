@@ -205,3 +205,8 @@ def measure_memory(cell: Cell, settings: MetricSettings, context: RunContext) ->
         "param_bytes": param_bytes,
         "input_bytes": example.numel() * example.element_size(),
     }
+
+
+# The trainer registers ``accuracy``; importing it here makes the metric known wherever suites are read, with or
+# without the CLI. It sits last because it imports this module's registry.
+from drbench.measure import accuracy as _accuracy  # noqa: E402,F401
