@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
+from drbench.environment import run_git
 from drbench.results import read_records
 from drbench.suite import Cell
 
@@ -349,13 +350,6 @@ def commit_label(env: Mapping[str, Any]) -> str:
     """``3db48f3`` for a clean checkout, ``3db48f3+`` with uncommitted changes, ``unknown`` outside git."""
     commit = env.get("git_commit")
     return f"{commit[:7]}{'+' if env.get('git_dirty') else ''}" if commit else "unknown"
-
-
-def run_git(*args: str, repo: str | Path | None = None) -> str:
-    """``git ARGS`` in ``repo`` (default: the checkout holding drbench's sources, whose commits results record)."""
-    cwd = Path(repo) if repo is not None else Path(__file__).resolve().parent
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
-                          timeout=30).stdout.strip()
 
 
 def resolve_side(spec: str, results_dir: str | Path = "results", *, suite: str | None = None,

@@ -56,16 +56,18 @@ def git_state() -> tuple[str | None, bool | None]:
     ``dirty`` means tracked files differ from the commit; untracked files (results, scratch) do not count.
     """
     try:
-        commit = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        commit = run_git("rev-parse", "HEAD")
+        dirty = bool(run_git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
         return None, None
     return commit, dirty
 
 
-def _git(*args: str) -> str:
+def run_git(*args: str, repo: str | Path | None = None) -> str:
+    """``git ARGS`` in ``repo`` (default: the checkout holding drbench's sources, whose commits results record)."""
     return subprocess.run(
-        ["git", *args], cwd=_SOURCE_DIR, check=True, capture_output=True, text=True, timeout=10
+        ["git", *args], cwd=repo if repo is not None else _SOURCE_DIR, check=True, capture_output=True, text=True,
+        timeout=30,
     ).stdout.strip()
 
 

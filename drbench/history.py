@@ -33,8 +33,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from drbench.compare import (
     DEFAULT_THRESHOLD, METRIC_UNITS, Decision, MetricRule, Verdict, cell_label, commit_label, record_time, rule_for,
-    run_git, shorten_labels,
+    shorten_labels,
 )
+from drbench.environment import run_git
 from drbench.results import read_records
 from drbench.suite import matches, parse_filter
 
