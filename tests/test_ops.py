@@ -25,6 +25,20 @@ def test_drconv_with_one_region_is_a_convolution_with_its_generated_filter():
     torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("kernel, hidden", [(1, 4), (3, 4), (3, 8)])
+def test_dynamic_generator_is_the_papers_pool_conv_sigmoid_grouped_conv(kernel, hidden):
+    torch.manual_seed(0)
+    layer = DRConv2d(5, 6, kernel, padding=kernel // 2, regions=4, hidden_channels=hidden).double()
+    generator = layer.generator
+    x = torch.randn(3, 5, 9, 9, dtype=torch.float64)
+    hidden_units = torch.sigmoid(generator.hidden(F.adaptive_avg_pool2d(x, kernel)))
+    per_region = hidden // 4
+    # the (m, per_region, O*C) kernel as nn.Conv2d's (m*O*C, per_region, 1, 1) one, groups = m
+    weight = generator.weight.transpose(1, 2).reshape(-1, per_region, 1, 1)
+    expected = F.conv2d(hidden_units, weight, generator.bias.reshape(-1), groups=4)
+    torch.testing.assert_close(generator(x), expected.view(3, 4, 6, 5, kernel, kernel))
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_local_conv_with_one_filter_everywhere_equals_conv2d(groups):
     torch.manual_seed(0)

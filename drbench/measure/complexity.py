@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import einsum_flop_jit, get_shape
+from fvcore.nn.jit_handles import bmm_flop_jit, einsum_flop_jit, get_shape
 from torch.utils.flop_counter import FlopCounterMode
 
 from drbench.models.probe import example_input, image_shape, inference
@@ -89,10 +89,17 @@ def pairwise_einsum_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return macs
 
 
+def baddbmm_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """baddbmm(input, batch1, batch2): the batched matrix product's multiply-adds; the added input is not counted
+    (as a convolution's bias is not)."""
+    return bmm_flop_jit(inputs[1:3], outputs)
+
+
 def op_handles() -> dict[str, Handle]:
     """fvcore op handles of the drbench convention (region_conv2d under each implementation's name)."""
     handles: dict[str, Handle] = {name: not_counted for name in NOT_COUNTED_OPS}
     handles["aten::einsum"] = pairwise_einsum_flop_jit
+    handles["aten::baddbmm"] = baddbmm_flop_jit
     handles.update({name: region_conv_flop_jit for name in region_conv_op_names()})
     return handles
 
