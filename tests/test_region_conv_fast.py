@@ -18,6 +18,7 @@ CASES = [
     (4, 3, 9, 9, 3, 1, 2, 2, 2),
     (2, 5, 8, 7, 3, 1, 0, 1, 16),
     (3, 4, 11, 10, 5, 2, 2, 1, 4),
+    (6, 9, 2, 2, 1, 1, 0, 1, 3),  # O > C and fewer positions than C: Eq. 7's scores go through the patches side
 ]
 CASE_IDS = ["C{}O{}_{}x{}_k{}_s{}_p{}_d{}_m{}".format(*case) for case in CASES]
 

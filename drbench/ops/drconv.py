@@ -73,7 +73,9 @@ class DynamicFilterGenerator(nn.Module):
         # (m, B * taps, per_region) @ (m, per_region, O*C): the filter value at every tap of every sample
         hidden = hidden.view(batch, regions, per_region, taps).permute(1, 0, 3, 2).reshape(regions, -1, per_region)
         filters = torch.baddbmm(self.bias, hidden, self.weight).view(regions, batch, taps, filter_size)
-        return filters.permute(1, 0, 3, 2).contiguous().view(batch, *self.shape)
+        # region-major in memory: region_conv2d makes them contiguous once (a copy here would be undone by its own
+        # backward copy)
+        return filters.permute(1, 0, 3, 2).view(batch, *self.shape)
 
 
 class StaticFilterGenerator(nn.Module):

@@ -277,6 +277,7 @@ class RegionConv2dFast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, guide, filters, stride, padding, dilation):
         batch, regions, out_channels = filters.shape[:3]
+        filters = filters.contiguous()  # once, for forward and backward (a generator may give them region-major)
         geometry = _Geometry.of(x, guide, filters, stride, padding, dilation)
         filters_flat = filters.reshape(batch * regions, out_channels, -1)
         positions = guide.shape[-2] * guide.shape[-1]
@@ -299,7 +300,9 @@ class RegionConv2dFast(torch.autograd.Function):
         need_x, need_guide, need_filters = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous().flatten(2)  # (B, O, P)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_filters = torch.zeros_like(filters) if need_filters else None
+        grad_filters = None
+        if need_filters:  # a chunk of unsplit buckets writes its filters' gradient whole; split ones add to it
+            grad_filters = (torch.zeros_like if any(c.split for c in tiles.chunks) else torch.empty_like)(filters)
         if need_x or need_filters:
             source = geometry.padded(x) if need_filters else None
             for chunk in tiles.chunks:
@@ -371,8 +374,12 @@ def _region_scores(geometry, x, filters, grad_out):
         if by_outputs:
             every = torch.bmm(stacked.flatten(1, 2), patches).view(-1, regions, rows, positions)
             every.mul_(grad_out[chunk, None])
-        else:
-            every = torch.bmm(stacked.transpose(2, 3).flatten(1, 2), grad_out[chunk]).view(-1, regions, rows, positions)
+        else:  # a batched matmul copies either the transposed filters or grad_out once per region: the smaller
+            transposed = stacked.transpose(2, 3)
+            if patch_rows <= positions:
+                every = torch.bmm(transposed.flatten(1, 2), grad_out[chunk]).view(-1, regions, rows, positions)
+            else:
+                every = torch.matmul(transposed, grad_out[chunk, None])
             every.mul_(patches[:, None])
         torch.sum(every, 2, out=scores[chunk])
     return scores
