@@ -14,7 +14,11 @@ threshold" ``t`` means ``ratio > 1 + t`` or ``ratio < 1 / (1 + t)``, symmetric i
 
 - ``latency`` (raw samples, :func:`decide_samples`): a change counts when the ratio of medians is beyond the
   threshold AND the samples differ statistically: a two-sided Mann-Whitney U test gives ``p < 0.002`` (asv's
-  rule). With few samples the test cannot reach that: the smallest two-sided p of n and m untied samples is
+  rule). Where every run on both sides timed drbench's reference kernel in turns with the cell
+  (:func:`drbench.measure.timing.time_with_reference`) and the torch versions agree, the rule judges the
+  *relative* samples (each over the reference sample of its round), and the ratio shown is theirs: a shared
+  machine that runs slower for a while slows both alike, and no test on the samples of one run could see that
+  drift. Otherwise the raw samples are judged and the rule says so. With few samples the test cannot reach that: the smallest two-sided p of n and m untied samples is
   ``2 / C(n + m, n)`` (0.0079 for 5 vs 5, 0.0022 for 6 vs 6). Then, while that smallest p is at most 0.01, the
   change counts only if the two samples do not overlap at all (every sample of one side beyond every sample of the
   other: the widest distribution-free confidence interval of each median, asv's fallback); with fewer samples
@@ -40,7 +44,7 @@ import json
 import math
 import statistics
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -210,15 +214,33 @@ def headline(name: str) -> Reader:
     return read
 
 
+def _measurement(metrics: Mapping[str, Any], path: Sequence[str]) -> Mapping[str, Any] | None:
+    node: Any = metrics
+    for key in path:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
+
+
 def samples(*path: str) -> Reader:
     """Reads the raw ``samples`` of the measurement at ``metrics[path[0]][path[1]]...``."""
 
     def read(metrics: Mapping[str, Any]) -> list[float] | None:
-        node: Any = metrics
-        for key in path:
-            node = node.get(key) if isinstance(node, Mapping) else None
-        found = node.get("samples") if isinstance(node, Mapping) else None
+        found = (_measurement(metrics, path) or {}).get("samples")
         return [float(v) for v in found] if found else None
+
+    return read
+
+
+def relative_samples(*path: str) -> Reader:
+    """Reads the samples of the measurement at ``path`` each divided by the reference kernel's sample of the same
+    round (see :func:`drbench.measure.timing.time_with_reference`); None where no reference was timed."""
+
+    def read(metrics: Mapping[str, Any]) -> list[float] | None:
+        node = _measurement(metrics, path) or {}
+        own, reference = node.get("samples"), (node.get("reference") or {}).get("samples")
+        if not own or not reference or len(own) != len(reference):
+            return None
+        return [float(a) / float(b) for a, b in zip(own, reference)]
 
     return read
 
@@ -239,20 +261,23 @@ def seed_values(name: str) -> Reader:
 @dataclass(frozen=True)
 class MetricRule:
     """How one metric is compared: where its observations are, the rule that judges them, the better direction,
-    and the statistic that summarises one side (``median`` or ``mean``)."""
+    the statistic that summarises one side (``median`` or ``mean``), and ``relative``: where the observations
+    divided by the reference kernel's are, judged instead of the raw ones when both sides have them."""
 
     read: Reader
     decide: DecisionRule
     higher_is_better: bool = False
     centre: Callable[[Sequence[float]], float] = statistics.median
+    relative: Reader | None = None
 
     def judge(self, baseline: Sequence[float], current: Sequence[float], threshold: float) -> Decision:
         return self.decide(baseline, current, threshold, self.higher_is_better)
 
 
 METRIC_RULES: dict[str, MetricRule] = {
-    "latency": MetricRule(samples("latency"), decide_samples),
-    "latency.train": MetricRule(samples("latency", "train"), decide_samples),
+    "latency": MetricRule(samples("latency"), decide_samples, relative=relative_samples("latency")),
+    "latency.train": MetricRule(samples("latency", "train"), decide_samples,
+                                relative=relative_samples("latency", "train")),
     "macs": MetricRule(headline("macs"), decide_exact),
     "params": MetricRule(headline("params"), decide_exact),
     "memory": MetricRule(headline("memory"), decide_threshold),
@@ -513,6 +538,7 @@ def compare(baseline: Side, current: Side, *, threshold: float = DEFAULT_THRESHO
     if missing:
         raise CompareError(f"metric {', '.join(missing)} is on neither side; measured: {', '.join(available)}")
     base_cells, cur_cells = baseline.by_cell(), current.by_cell()
+    same_torch = baseline.environment()["torch_version"] == current.environment()["torch_version"]
     rows: list[CellComparison] = []
     failed_both = 0
     for key in sorted(base_cells.keys() | cur_cells.keys()):
@@ -520,8 +546,11 @@ def compare(baseline: Side, current: Side, *, threshold: float = DEFAULT_THRESHO
         if base and cur and not _successful(base) and not _successful(cur):
             failed_both += 1
             continue
-        rows += _compare_cell(base, cur, chosen, threshold)
+        rows += _compare_cell(base, cur, chosen, threshold, relative=same_torch)
     notes = [f"{failed_both} cells failed on both sides (not compared)"] if failed_both else []
+    if not same_torch:
+        notes.append("torch versions differ: latency is judged on raw samples, not relative to the reference "
+                     "kernel (which runs on torch too)")
     for name, side in (("baseline", baseline), ("current", current)):
         dirty = [commit for commit in side.commits() if commit.endswith("+")]
         if dirty:
@@ -531,16 +560,23 @@ def compare(baseline: Side, current: Side, *, threshold: float = DEFAULT_THRESHO
 
 
 def _compare_cell(base: list[dict], cur: list[dict], metrics: Sequence[str],
-                  threshold: float) -> list[CellComparison]:
+                  threshold: float, relative: bool = True) -> list[CellComparison]:
     first = (base or cur)[0]
     key, label = first["config_hash"], cell_label(first["config"])
     rows = []
     for metric in metrics:
         rule = rule_for(metric)
-        base_obs, cur_obs = _pooled(rule, base), _pooled(rule, cur)
+        base_obs, cur_obs = _pooled(rule.read, base), _pooled(rule.read, cur)
         if base_obs is None and cur_obs is None and _successful(base + cur):
             continue  # a metric this cell does not have
-        decision = _decide(rule, base, cur, base_obs, cur_obs, threshold)
+        decision = None
+        if relative and rule.relative is not None and base_obs and cur_obs:
+            base_rel, cur_rel = _pooled(rule.relative, base, every=True), _pooled(rule.relative, cur, every=True)
+            if base_rel and cur_rel:
+                judged = rule.judge(base_rel, cur_rel, threshold)
+                decision = replace(judged, rule=f"vs reference, {judged.rule}")
+        if decision is None:
+            decision = _decide(rule, base, cur, base_obs, cur_obs, threshold)
         rows.append(CellComparison(
             key, label, metric, decision.verdict,
             rule.centre(base_obs) if base_obs else None, rule.centre(cur_obs) if cur_obs else None,
@@ -553,9 +589,13 @@ def _successful(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("status") == "ok"]
 
 
-def _pooled(rule: MetricRule, records: list[dict]) -> list[float] | None:
-    """The observations of every successful run of a cell together (runs of one side are replicates)."""
-    pooled = [value for record in _successful(records) for value in rule.read(record["metrics"]) or ()]
+def _pooled(read: Reader, records: list[dict], every: bool = False) -> list[float] | None:
+    """The observations of every successful run of a cell together (runs of one side are replicates); with
+    ``every``, None unless each run has them."""
+    found = [read(record["metrics"]) for record in _successful(records)]
+    if every and not all(found):
+        return None
+    pooled = [value for values in found for value in values or ()]
     return pooled or None
 
 

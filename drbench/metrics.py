@@ -181,15 +181,17 @@ def measure_params(cell: Cell, settings: MetricSettings, context: RunContext) ->
 
 @register_metric("latency", settings=LatencySettings, defaults_from="timing")
 def measure_latency(cell: Cell, settings: LatencySettings, context: RunContext) -> dict:
-    """Forward latency in eval mode under inference_mode (and optionally a training step), raw samples kept."""
+    """Forward latency in eval mode under inference_mode (and optionally a training step), raw samples kept, each
+    timed in turns with drbench's reference kernel (whose samples :mod:`drbench.compare` divides by)."""
     timing = settings.model_dump(exclude={"training"})
     model, example = cell.build_model(), cell.example_input()
-    forward = forward_latency(model, example, device=cell.torch_device, **timing)
+    forward = forward_latency(model, example, device=cell.torch_device, reference=True, **timing)
     result = {"value": forward.median, **forward.to_dict()}
     if settings.training:
         targets = torch.zeros(cell.batch_size, dtype=torch.long, device=cell.torch_device)
         context.status("latency (training step)")
-        result["train"] = train_step_latency(model, example, targets, device=cell.torch_device, **timing).to_dict()
+        result["train"] = train_step_latency(model, example, targets, device=cell.torch_device, reference=True,
+                                             **timing).to_dict()
     return result
 
 

@@ -25,11 +25,14 @@ DRCONV = {**CONV, "op": "drconv", "regions": 4}
 def make_record(config: dict, *, latency: list[float] | None = None, macs: int | None = None,
                 accuracy: list[float] | None = None, commit: str | None = "a" * 40, dirty: bool = False,
                 threads: int = 1, started: str = "2025-01-01T00:00:00+00:00", suite: str = "synthetic",
-                error: str | None = None) -> dict:
-    """A record as drbench.results stores it, with only the fields the comparison reads."""
+                error: str | None = None, reference: list[float] | None = None, torch_version: str = "2.13.0") -> dict:
+    """A record as drbench.results stores it, with only the fields the comparison reads (``reference``: the
+    reference kernel's samples, timed in turns with ``latency``'s)."""
     metrics = {}
     if latency is not None:
         metrics["latency"] = {"value": sorted(latency)[len(latency) // 2], "samples": latency}
+        if reference is not None:
+            metrics["latency"]["reference"] = {"samples": reference}
     if macs is not None:
         metrics["macs"] = {"value": macs}
         metrics["params"] = {"value": macs // 10}
@@ -40,7 +43,7 @@ def make_record(config: dict, *, latency: list[float] | None = None, macs: int |
         "schema": 1, "suite": suite, "run_id": started, "config": config, "config_hash": config_hash(config),
         "status": "error" if error else "ok", "error": error, "metrics": {} if error else metrics,
         "env": {"git_commit": commit, "git_dirty": dirty, "threads": threads, "machine": "box",
-                "device_name": "cpu", "torch_version": "2.13.0", "time": started},
+                "device_name": "cpu", "torch_version": torch_version, "time": started},
         "started": started,
     }
 
@@ -175,6 +178,47 @@ def test_cells_are_matched_by_configuration_whatever_the_environment():
     assert by[("conv", "latency", "1x")] is Verdict.ONLY_CURRENT
     assert comparison.environment_differences == ("threads differs: 2 (baseline) vs 1 (current)",)
     assert [c.metric for c in comparison.regressed] == ["latency"]
+
+
+def drifting_run(rng: random.Random, cell_s: float, machine_speed: list[float]) -> dict:
+    """A run on a machine whose speed moves between rounds: cell and reference both slowed by the same factor."""
+    cell = [cell_s * factor * math.exp(rng.gauss(0, 0.03)) for factor in machine_speed]
+    reference = [0.0005 * factor * math.exp(rng.gauss(0, 0.03)) for factor in machine_speed]
+    return make_record(CONV, latency=cell, reference=reference)
+
+
+def test_a_machine_that_runs_slower_for_a_while_is_not_a_regression_relative_to_the_reference():
+    rng = random.Random(7)
+    base = drifting_run(rng, 0.010, [1.0] * 20)
+    slow_machine = drifting_run(rng, 0.010, [1.6 + 0.2 * math.sin(i) for i in range(20)])
+    (row,) = compare(side("base", [base]), side("cur", [slow_machine]), metrics=["latency"]).cells
+    assert row.current / row.baseline > 1.4  # the raw medians moved
+    assert row.verdict is Verdict.UNCHANGED and row.rule.startswith("vs reference")
+    assert 0.9 < row.ratio < 1.1
+    raw = [dict(r, metrics={"latency": {k: v for k, v in r["metrics"]["latency"].items() if k != "reference"}})
+           for r in (base, slow_machine)]
+    (raw_row,) = compare(side("base", raw[:1]), side("cur", raw[1:]), metrics=["latency"]).cells
+    assert raw_row.verdict is Verdict.REGRESSED and not raw_row.rule.startswith("vs reference")
+
+
+def test_a_slower_cell_on_a_steady_reference_is_a_regression():
+    rng = random.Random(8)
+    base = drifting_run(rng, 0.010, [1.0] * 20)
+    slower = drifting_run(rng, 0.013, [1.0] * 20)
+    (row,) = compare(side("base", [base]), side("cur", [slower]), metrics=["latency"]).cells
+    assert row.verdict is Verdict.REGRESSED and row.rule.startswith("vs reference") and row.ratio > 1.2
+
+
+def test_raw_samples_are_judged_when_a_side_lacks_the_reference_or_torch_differs():
+    rng = random.Random(9)
+    calibrated = drifting_run(rng, 0.010, [1.0] * 20)
+    plain = make_record(CONV, latency=timings(rng, 0.010, 20))
+    (row,) = compare(side("base", [calibrated]), side("cur", [plain]), metrics=["latency"]).cells
+    assert not row.rule.startswith("vs reference")
+    other_torch = dict(calibrated, env={**calibrated["env"], "torch_version": "2.14.0"})
+    comparison = compare(side("base", [calibrated]), side("cur", [other_torch]), metrics=["latency"])
+    assert not comparison.cells[0].rule.startswith("vs reference")
+    assert any("torch versions differ" in note for note in comparison.notes)
 
 
 def test_runs_of_a_cell_are_pooled_and_a_cell_that_now_fails_is_a_regression():

@@ -16,8 +16,10 @@ from drbench.measure.timing import (
     block_timer_for,
     fixed_threads,
     forward_latency,
+    reference_kernel,
     time_callable,
     time_interleaved,
+    time_with_reference,
     train_step_latency,
 )
 
@@ -63,6 +65,38 @@ def test_to_dict_keeps_raw_samples_and_round_trips():
     assert "median 500.000 ms" in str(m)
     with pytest.raises(ValueError):
         measurement([])
+
+
+def test_a_reference_round_trips_and_divides_each_sample_of_its_round():
+    m = LatencyMeasurement((0.5, 0.25, 0.75), 1, 1, 1, 1, "cpu", reference=measurement([0.25, 0.25, 0.5]))
+    assert m.relative_samples == (2.0, 1.0, 1.5)
+    data = m.to_dict()
+    assert data["reference"]["samples"] == [0.25, 0.25, 0.5] and data["reference"]["median_s"] == 0.25
+    assert LatencyMeasurement.from_dict(data) == m
+    assert measurement([0.5]).relative_samples is None and "reference" not in measurement([0.5]).to_dict()
+
+
+def test_the_reference_kernel_runs_on_one_thread_whatever_the_cells(monkeypatch):
+    seen = []
+    real_conv = timing.F.conv2d
+    monkeypatch.setattr(timing.F, "conv2d", lambda *a, **k: seen.append(torch.get_num_threads()) or real_conv(*a, **k))
+    with fixed_threads(2):
+        reference_kernel("cpu")()
+        assert torch.get_num_threads() == 2
+    assert seen == [1]
+
+
+def test_time_with_reference_pairs_one_reference_sample_with_each_of_the_callables():
+    timer = ScriptedTimer([0.02, 0.01] * 2 + [0.02, 0.01] * 3)  # calibration of each, then rounds: fn, reference
+    m = time_with_reference(lambda: None, batch_size=4, budget_s=1.0, warmup=1, min_blocks=3, timer=timer)
+    assert m.samples == (0.02,) * 3 and m.batch_size == 4
+    assert m.reference.samples == (0.01,) * 3 and m.reference.batch_size == 1
+    assert m.relative_samples == (2.0,) * 3
+
+
+def test_forward_latency_with_reference_times_the_model_and_the_kernel_in_turns():
+    m = forward_latency(Probe(), torch.randn(5, 4), reference=True, budget_s=0.01, min_blocks=2, warmup=1)
+    assert len(m.reference.samples) == len(m.samples) and m.reference.median > 0
 
 
 def test_steady_samples_stop_at_min_blocks():

@@ -15,6 +15,11 @@ how to show them.
 - :func:`time_interleaved` times several callables in turns (A B A B ...), so that slow drifts of a shared
   machine (other jobs, thermal state) affect all of them alike; compare ratios from one such call, never absolute
   times from different runs.
+- :func:`time_with_reference` times a callable in turns with :func:`reference_kernel`, a fixed single-threaded
+  convolution, and keeps the reference's samples beside its own: sample i of each was timed next to the other, so
+  ``relative_samples`` (each over the reference's) carry the callable's cost with the machine's speed of the
+  moment divided out. That is what lets two runs minutes apart on a shared machine be compared
+  (:mod:`drbench.compare`); a change of the cell's thread count still shows, the reference always using one.
 
 >>> import torch
 >>> m = time_callable(lambda: torch.ones(64, 64) @ torch.ones(64, 64), budget_s=0.05)
@@ -28,11 +33,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Mapping, Protocol
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 NOISY_REL_IQR = 0.10
 """IQR/median above which a measurement is flagged noisy."""
@@ -46,7 +52,8 @@ class LatencyMeasurement:
     """Raw per-call samples (seconds) of one callable, and the statistics derived from them.
 
     ``batch_size`` is the number of images one call processes (for throughput); ``calls_per_block`` how many
-    calls each sample averages; ``threads`` the torch intra-op thread count while timing.
+    calls each sample averages; ``threads`` the torch intra-op thread count while timing; ``reference`` the
+    :func:`reference_kernel` timed in turns with it (:func:`time_with_reference`), one sample per round.
     """
 
     samples: tuple[float, ...]
@@ -55,6 +62,7 @@ class LatencyMeasurement:
     calls_per_block: int
     threads: int
     device: str
+    reference: LatencyMeasurement | None = None
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -89,10 +97,22 @@ class LatencyMeasurement:
         """Images per second at the median latency."""
         return self.batch_size / self.median
 
+    @property
+    def relative_samples(self) -> tuple[float, ...] | None:
+        """Each sample over the reference's sample of the same round; None without a reference."""
+        if self.reference is None:
+            return None
+        return tuple(own / ref for own, ref in zip(self.samples, self.reference.samples))
+
     def to_dict(self) -> dict:
         """JSON-able: the raw fields plus the derived statistics (the statistics are recomputed on load)."""
+        fields = asdict(self)
+        if self.reference is None:
+            del fields["reference"]
+        else:
+            fields["reference"] = self.reference.to_dict()
         return {
-            **asdict(self),
+            **fields,
             "samples": list(self.samples),
             "median_s": self.median,
             "iqr_s": self.iqr,
@@ -105,7 +125,9 @@ class LatencyMeasurement:
     @classmethod
     def from_dict(cls, data: Mapping) -> LatencyMeasurement:
         fields = cls.__dataclass_fields__
-        return cls(**{**{k: v for k, v in data.items() if k in fields}, "samples": tuple(data["samples"])})
+        reference = cls.from_dict(data["reference"]) if data.get("reference") else None
+        return cls(**{**{k: v for k, v in data.items() if k in fields}, "samples": tuple(data["samples"]),
+                      "reference": reference})
 
     def __str__(self) -> str:
         flag = "  (noisy)" if self.noisy else ""
@@ -160,6 +182,37 @@ def block_timer_for(device: str | torch.device) -> BlockTimer:
 def time_callable(fn: Callable[[], object], **options) -> LatencyMeasurement:
     """Time ``fn()``; ``options`` are :func:`time_interleaved`'s (device, budget_s, warmup, ..., timer)."""
     return time_interleaved({"fn": fn}, **options)["fn"]
+
+
+REFERENCE_KERNEL = "F.conv2d 3x3, 32 -> 32 channels, 28x28, batch 1, float32, 1 CPU thread"
+"""What :func:`reference_kernel` computes (stored with drbench's version, so a change to it is a change of code)."""
+
+
+def reference_kernel(device: str | torch.device = "cpu") -> Callable[[], object]:
+    """A fixed convolution, about half a millisecond on one CPU core, always on one thread on CPU.
+
+    It stands for the machine's speed of the moment: timed in turns with a cell, its samples move with whatever
+    else slows the machine down (other processes, clock changes), while the cell's own changes (code, thread
+    count) leave it alone.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 32, 28, 28, generator=generator).to(device)
+    weight = torch.randn(32, 32, 3, 3, generator=generator).to(device)
+    on_cpu = torch.device(device).type == "cpu"
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), fixed_threads(1 if on_cpu else 0):
+            return F.conv2d(x, weight, padding=1)
+
+    return run
+
+
+def time_with_reference(fn: Callable[[], object], **options) -> LatencyMeasurement:
+    """Time ``fn()`` in turns with :func:`reference_kernel` on the same device (``options`` as
+    :func:`time_interleaved`'s; the budget covers both); the measurement carries the reference's samples."""
+    reference = reference_kernel(options.get("device", "cpu"))
+    timed = time_interleaved({"fn": fn, "reference": reference}, **options)
+    return replace(timed["fn"], reference=replace(timed["reference"], batch_size=1))
 
 
 def time_interleaved(
@@ -243,19 +296,28 @@ def fixed_threads(threads: int) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
-def forward_latency(model: nn.Module, example: torch.Tensor, **timing) -> LatencyMeasurement:
-    """Inference latency of ``model(example)``: eval mode, ``torch.inference_mode``; ``timing`` as time_callable."""
+def forward_latency(
+    model: nn.Module, example: torch.Tensor, *, reference: bool = False, **timing
+) -> LatencyMeasurement:
+    """Inference latency of ``model(example)``: eval mode, ``torch.inference_mode``; ``timing`` as time_callable.
+    ``reference``: time it in turns with :func:`reference_kernel` (:func:`time_with_reference`)."""
     model.eval()
-    with torch.inference_mode():
-        return time_callable(lambda: model(example), batch_size=example.shape[0], **timing)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(example)
+
+    timed = time_with_reference if reference else time_callable
+    return timed(forward, batch_size=example.shape[0], **timing)
 
 
 def train_step_latency(
-    model: nn.Module, example: torch.Tensor, targets: torch.Tensor, **timing
+    model: nn.Module, example: torch.Tensor, targets: torch.Tensor, *, reference: bool = False, **timing
 ) -> LatencyMeasurement:
     """Latency of one training step: forward, cross-entropy loss, backward and an SGD step (momentum 0.9).
 
-    The model's parameters change as it is timed: pass a copy if they matter.
+    The model's parameters change as it is timed: pass a copy if they matter. ``reference`` as in
+    :func:`forward_latency`.
     """
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -265,4 +327,5 @@ def train_step_latency(
         nn.functional.cross_entropy(model(example), targets).backward()
         optimizer.step()
 
-    return time_callable(step, batch_size=example.shape[0], **timing)
+    timed = time_with_reference if reference else time_callable
+    return timed(step, batch_size=example.shape[0], **timing)
