@@ -16,9 +16,9 @@ threshold" ``t`` means ``ratio > 1 + t`` or ``ratio < 1 / (1 + t)``, symmetric i
   threshold AND the samples differ statistically: a two-sided Mann-Whitney U test gives ``p < 0.002`` (asv's
   rule). Where every run on both sides timed drbench's reference kernel in turns with the cell
   (:func:`drbench.measure.timing.time_with_reference`) and the torch versions agree, the rule judges the
-  *relative* samples (each over the reference sample of its round), and the ratio shown is theirs: a shared
-  machine that runs slower for a while slows both alike, and no test on the samples of one run could see that
-  drift. Otherwise the raw samples are judged and the rule says so. With few samples the test cannot reach that: the smallest two-sided p of n and m untied samples is
+  *relative* samples (each over the reference kernel's sample of its round), and the ratio shown is theirs: a
+  shared machine that runs slower for a while slows both alike, and no test on the samples of one run could see
+  that drift between runs. Otherwise the raw samples are judged and the rule says so. With few samples the test cannot reach that: the smallest two-sided p of n and m untied samples is
   ``2 / C(n + m, n)`` (0.0079 for 5 vs 5, 0.0022 for 6 vs 6). Then, while that smallest p is at most 0.01, the
   change counts only if the two samples do not overlap at all (every sample of one side beyond every sample of the
   other: the widest distribution-free confidence interval of each median, asv's fallback); with fewer samples
@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
 from drbench.environment import run_git
+from drbench.measure.timing import LatencyMeasurement
 from drbench.results import read_records
 from drbench.suite import Cell
 
@@ -232,15 +233,14 @@ def samples(*path: str) -> Reader:
 
 
 def relative_samples(*path: str) -> Reader:
-    """Reads the samples of the measurement at ``path`` each divided by the reference kernel's sample of the same
-    round (see :func:`drbench.measure.timing.time_with_reference`); None where no reference was timed."""
+    """Reads the :attr:`~drbench.measure.timing.LatencyMeasurement.relative_samples` of the measurement at
+    ``path``: each sample over the reference kernel's of the same round; None where no reference was timed."""
 
     def read(metrics: Mapping[str, Any]) -> list[float] | None:
-        node = _measurement(metrics, path) or {}
-        own, reference = node.get("samples"), (node.get("reference") or {}).get("samples")
-        if not own or not reference or len(own) != len(reference):
+        node = _measurement(metrics, path)
+        if not node or not node.get("samples") or not (node.get("reference") or {}).get("samples"):
             return None
-        return [float(a) / float(b) for a, b in zip(own, reference)]
+        return list(LatencyMeasurement.from_dict(node).relative_samples)
 
     return read
 

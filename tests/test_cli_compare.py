@@ -116,8 +116,8 @@ def _measure(results_dir: Path) -> Path:
 
 @pytest.mark.timing
 def test_the_same_suite_measured_twice_is_not_a_regression_and_doubled_conv_work_is(tmp_path, monkeypatch):
-    """Real timings, so a quiet machine is assumed: the rule judges the noise within each run, and a machine
-    whose load changes between two runs (other jobs starting) shifts every sample of the second run alike."""
+    """Real timings: each run times the reference kernel in turns with the cells, so a machine whose load changes
+    between the two runs (other jobs starting) shifts both alike and the comparison judges the ratio."""
     first, second = _measure(tmp_path / "first"), _measure(tmp_path / "second")
     result = runner.invoke(app, ["compare", str(first), str(second)])
     assert result.exit_code == 0, result.output

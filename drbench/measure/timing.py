@@ -20,6 +20,8 @@ how to show them.
   ``relative_samples`` (each over the reference's) carry the callable's cost with the machine's speed of the
   moment divided out. That is what lets two runs minutes apart on a shared machine be compared
   (:mod:`drbench.compare`); a change of the cell's thread count still shows, the reference always using one.
+  (Measured under load: dividing each sample by its own round's reference flagged none of 15 same-commit rows;
+  dividing by the run's reference median, which leaves the drift within a run in, flagged one.)
 
 >>> import torch
 >>> m = time_callable(lambda: torch.ones(64, 64) @ torch.ones(64, 64), budget_s=0.05)
