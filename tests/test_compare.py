@@ -14,6 +14,7 @@ from drbench.compare import (
     CompareError, Side, Verdict, compare, compare_results, decide_exact, decide_samples, decide_seeds,
     decide_threshold, format_value, min_p_value, parse_threshold, resolve_side,
 )
+from drbench.measure.timing import LatencyMeasurement
 from drbench.suite import config_hash
 
 # Synthetic records -----------------------------------------------------------------------------------------------
@@ -31,8 +32,10 @@ def make_record(config: dict, *, latency: list[float] | None = None, macs: int |
     metrics = {}
     if latency is not None:
         metrics["latency"] = {"value": sorted(latency)[len(latency) // 2], "samples": latency}
-        if reference is not None:
-            metrics["latency"]["reference"] = {"samples": reference}
+        if reference is not None:  # as drbench stores them: every field of both measurements
+            timed = LatencyMeasurement(tuple(latency), 4, 1, 1, 1, "cpu",
+                                       reference=LatencyMeasurement(tuple(reference), 1, 1, 1, 1, "cpu"))
+            metrics["latency"] = {"value": timed.median, **timed.to_dict()}
     if macs is not None:
         metrics["macs"] = {"value": macs}
         metrics["params"] = {"value": macs // 10}
