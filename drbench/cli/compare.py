@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from drbench.cli.app import app, console, err_console, fail
+from drbench.cli.options import CONFIG_OPTION
 from drbench.compare import (
     Comparison, Verdict, compare_results, format_p, format_ratio, format_value, parse_threshold,
     shorten_labels,
@@ -23,7 +24,6 @@ from drbench.results import StoreWarning
 
 THRESHOLD_OPTION = typer.Option("10%", "--threshold", help="Smallest change that counts: 10% or 0.1.")
 SUITE_OPTION = typer.Option(None, "--suite", help="Only records of this suite.")
-CONFIG_OPTION = typer.Option(None, "--config", help="Settings file (default: ./drbench.toml when present).")
 
 _STYLES = {Verdict.REGRESSED: "bold red", Verdict.IMPROVED: "green", Verdict.UNCHANGED: "dim"}
 

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from drbench.cli.app import app, console, err_console, fail, list_app
+from drbench.cli.options import op_options
 from drbench.measure.complexity import Complexity, complexity
 from drbench.models import create_model, get_model, list_models
 
@@ -22,19 +23,6 @@ def parse_input_size(text: str) -> tuple[int, int]:
         raise ValueError(f"--input-size must be a positive size such as 224 or 112x96, got {text!r}")
     height, width = (int(parts[0]), int(parts[-1]))
     return height, width
-
-
-OPTION_OWNERS = {"regions": "drconv", "experts": "condconv"}
-"""Operator options that have their own flag, and the operator each belongs to."""
-
-
-def _op_options(op: str, **given: Optional[int]) -> dict[str, int]:
-    """The operator options given on the command line; a flag of another operator is an error."""
-    options = {name: value for name, value in given.items() if value is not None}
-    for name in options:
-        if OPTION_OWNERS[name] != op:
-            raise ValueError(f"--{name} applies to --op {OPTION_OWNERS[name]}, not --op {op}")
-    return options
 
 
 def _millions(count: int) -> str:
@@ -83,7 +71,7 @@ def profile_command(
     Example: drbench profile shufflenetv2 --width 0.5 --op drconv --regions 8
     """
     try:
-        options = _op_options(op, regions=regions, experts=experts)
+        options = op_options(op, regions=regions, experts=experts)
         size = parse_input_size(input_size) if input_size else get_model(model).input_size
         network = create_model(model, width=width, op=op, input_size=size, placement=placement, **options)
         with warnings.catch_warnings():

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from drbench.cli.app import app, console, err_console, fail
-from drbench.cli.run import CONFIG_OPTION
+from drbench.cli.options import CONFIG_OPTION
 from drbench.config import ConfigError, load_config
 
 

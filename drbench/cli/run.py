@@ -15,43 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from drbench.cli.app import app, console, err_console, fail, list_app
-from drbench.config import Config, ConfigError, load_config
+from drbench.cli.options import (
+    CONFIG_OPTION, DEVICE_OPTION, RESULTS_DIR_OPTION, THREADS_OPTION, load_cli_config, load_cli_suite,
+)
 from drbench.executors import ExecutorError, interference_warning
 from drbench.results import StoreLockedError, StoreWarning, load
 from drbench.runner import RunInterrupted, plan, run_suite
 from drbench.suite import CELL_KEYS, Cell, Suite, SuiteError, list_suites, load_suite, option_names
-
-CONFIG_OPTION = typer.Option(None, "--config", help="Settings file (default: ./drbench.toml when present).")
-RESULTS_DIR_OPTION = typer.Option(None, "--results-dir", help="Results folder (default: paths.results_dir).")
-DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda or auto (default: the suite's, else run.device).")
-THREADS_OPTION = typer.Option(None, "--threads", min=0, help="torch threads (default: run.threads; 0: torch's).")
-EXECUTOR_FLAGS = {"executor": "executor.name", "workers": "executor.workers", "timeout": "executor.timeout_s",
-                  "gpus": "executor.gpus", "partition": "slurm.partition", "slurm_time": "slurm.time_min",
-                  "gpus_per_task": "slurm.gpus_per_task", "array_parallelism": "slurm.array_parallelism"}
-
-
-def _config(path: Optional[Path], **flags: Any) -> Config:
-    results_dir = flags.get("results_dir")
-    overrides = {"paths.results_dir": str(results_dir) if results_dir else None, "run.device": flags.get("device"),
-                 "run.threads": flags.get("threads")}
-    overrides.update({key: flags.get(flag) for flag, key in EXECUTOR_FLAGS.items()})
-    try:
-        return load_config(path, overrides)
-    except ConfigError as error:
-        fail(str(error))
-
-
-def _suite(argument: str, config: Config) -> Suite:
-    """``argument`` is a suite file, or the name of one in ``paths.suites_dir`` (``quick``)."""
-    path = Path(argument)
-    if not path.exists():
-        named = Path(config.get("paths.suites_dir")) / f"{argument}.yaml"
-        path = named if named.exists() else path
-    try:
-        return load_suite(path, config)
-    except SuiteError as error:
-        fail(str(error))
-
 
 @app.command("run")
 def run_command(
@@ -79,10 +49,10 @@ def run_command(
     config_file: Optional[Path] = CONFIG_OPTION,
 ) -> None:
     """Measure every cell of a suite, storing one record per cell as it finishes (resumable)."""
-    config = _config(config_file, results_dir=results_dir, device=device, threads=threads, executor=executor,
+    config = load_cli_config(config_file, results_dir=results_dir, device=device, threads=threads, executor=executor,
                      workers=workers, timeout=timeout, gpus=gpus, partition=partition, slurm_time=slurm_time,
                      gpus_per_task=gpus_per_task, array_parallelism=array_parallelism)
-    loaded = _suite(suite, config)
+    loaded = load_cli_suite(suite, config)
     try:
         if dry_run:
             _print_plan(loaded, plan(loaded, config, device=device, only=only, force=force, results_dir=results_dir))
@@ -261,7 +231,7 @@ def config_command(
     config_file: Optional[Path] = CONFIG_OPTION,
 ) -> None:
     """Print the effective settings and where each came from (default, drbench.toml, or a flag)."""
-    config = _config(config_file, results_dir=results_dir, device=device, threads=threads)
+    config = load_cli_config(config_file, results_dir=results_dir, device=device, threads=threads)
     table = Table(title="drbench settings")
     table.add_column("setting", no_wrap=True)
     table.add_column("value")
@@ -274,7 +244,7 @@ def config_command(
 @list_app.command("suites")
 def list_suites_command(config_file: Optional[Path] = CONFIG_OPTION) -> None:
     """List the suite files in paths.suites_dir with their cell counts."""
-    config = _config(config_file)
+    config = load_cli_config(config_file)
     directory = Path(config.get("paths.suites_dir"))
     table = Table(title=f"Suites in {directory}/")
     for column in ("name", "file", "cells", "metrics", "description"):

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from drbench.cli.app import app, console, err_console, fail
-from drbench.cli.run import CONFIG_OPTION, DEVICE_OPTION, _config, _suite
+from drbench.cli.options import CONFIG_OPTION, DEVICE_OPTION, load_cli_config, load_cli_suite
 from drbench.config import Config
 from drbench.executors import ExecutorError
 from drbench.results import StoreWarning
@@ -31,10 +31,10 @@ def status_command(
     config_file: Optional[Path] = CONFIG_OPTION,
 ) -> None:
     """Show which cells of a suite are done, running (claimed by a live worker), failed (with errors) or pending."""
-    config = _config(config_file, device=device)
+    config = load_cli_config(config_file, device=device)
     if not results_dir.is_dir():
         fail(f"{results_dir}: no such results folder")
-    suites = [_suite(suite, config)] if suite else _suites_in(results_dir, config)
+    suites = [load_cli_suite(suite, config)] if suite else _suites_in(results_dir, config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StoreWarning)
         try:
@@ -58,7 +58,7 @@ def _suites_in(results_dir: Path, config: Config) -> list[Suite]:
     for folder in folders:
         if not (suites_dir / f"{folder.name}.yaml").is_file():
             fail(f"no suite file {suites_dir}/{folder.name}.yaml for the results in {folder}; pass --suite FILE")
-    return [_suite(folder.name, config) for folder in folders]
+    return [load_cli_suite(folder.name, config) for folder in folders]
 
 
 def _print_report(report: StatusReport, show_all: bool) -> None:

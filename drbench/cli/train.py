@@ -13,7 +13,7 @@ from rich.table import Table
 
 from drbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from drbench.cli.app import app, console, err_console, fail, list_app
-from drbench.cli.profile import _op_options
+from drbench.cli.options import op_options
 from drbench.config import ConfigError, load_config
 from drbench.data import DatasetError, get_dataset, get_dataset_spec, list_datasets
 from drbench.masks import checkpoint_masks, render_masks
@@ -90,7 +90,7 @@ def train_command(
         test_set = get_dataset(split="test", limit=test_images, **source)
         model_config = model_config_for(
             model, train_set, width=width, op=op, placement=placement,
-            **_op_options(op, regions=regions, experts=experts),
+            **op_options(op, regions=regions, experts=experts),
         )
         create_model(**model_config)  # a wrong model, width or option fails here, before any training
         chosen_device = resolve_device(config.get("run.device"))
