@@ -18,7 +18,8 @@ threshold" ``t`` means ``ratio > 1 + t`` or ``ratio < 1 / (1 + t)``, symmetric i
   (:func:`drbench.measure.timing.time_with_reference`) and the torch versions agree, the rule judges the
   *relative* samples (each over the reference kernel's sample of its round), and the ratio shown is theirs: a
   shared machine that runs slower for a while slows both alike, and no test on the samples of one run could see
-  that drift between runs. Otherwise the raw samples are judged and the rule says so. With few samples the test cannot reach that: the smallest two-sided p of n and m untied samples is
+  that drift between runs. Otherwise the raw samples are judged and the rule says so. With few samples the test
+  cannot reach p < 0.002: the smallest two-sided p of n and m untied samples is
   ``2 / C(n + m, n)`` (0.0079 for 5 vs 5, 0.0022 for 6 vs 6). Then, while that smallest p is at most 0.01, the
   change counts only if the two samples do not overlap at all (every sample of one side beyond every sample of the
   other: the widest distribution-free confidence interval of each median, asv's fallback); with fewer samples

@@ -186,10 +186,6 @@ def time_callable(fn: Callable[[], object], **options) -> LatencyMeasurement:
     return time_interleaved({"fn": fn}, **options)["fn"]
 
 
-REFERENCE_KERNEL = "F.conv2d 3x3, 32 -> 32 channels, 28x28, batch 1, float32, 1 CPU thread"
-"""What :func:`reference_kernel` computes (stored with drbench's version, so a change to it is a change of code)."""
-
-
 def reference_kernel(device: str | torch.device = "cpu") -> Callable[[], object]:
     """A fixed convolution, about half a millisecond on one CPU core, always on one thread on CPU.
 
