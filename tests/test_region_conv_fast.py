@@ -37,11 +37,11 @@ def outputs_and_gradients(impl, tensors, conv_args, grad_seed=1):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out = region_conv2d(*leaves, *conv_args, impl=impl)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
-    return (out, *torch.autograd.grad(out, leaves, grad_out))
+    return (out, *torch.autograd.grad(out, leaves, grad_out.to(out.device)))
 
 
-def assert_matches_reference(tensors, conv_args, rtol, atol):
-    got = outputs_and_gradients("fast", tensors, conv_args)
+def assert_matches_reference(tensors, conv_args, rtol, atol, impl="fast"):
+    got = outputs_and_gradients(impl, tensors, conv_args)
     want = outputs_and_gradients("reference", tensors, conv_args)
     for name, g, w in zip(("output", "grad x", "grad guide", "grad filters"), got, want):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")

@@ -19,7 +19,7 @@ torch.Size([2, 16, 10, 10])
 
 from __future__ import annotations
 
-from typing import Type
+from typing import Callable, Type
 
 import torch
 import torch.nn.functional as F
@@ -28,25 +28,34 @@ from torch.nn.modules.utils import _pair
 IntPair = int | tuple[int, int]
 
 _IMPLEMENTATIONS: dict[str, Type[torch.autograd.Function]] = {}
+_RUNS_ON: dict[str, Callable[[str], bool]] = {}  # name -> whether it can run here on tensors of a device type
 _DEFAULT_IMPL = "fast"  # FLOP-proportional; the reference stays selectable by name (impl="reference")
 
 
-def register_region_conv_impl(name: str):
+def _runs_anywhere(device_type: str) -> bool:
+    return True
+
+
+def register_region_conv_impl(name: str, runs_on: Callable[[str], bool] = _runs_anywhere):
     """Class decorator: register a ``torch.autograd.Function`` as implementation ``name`` of region_conv2d.
 
     Its ``apply`` takes ``(x, guide, filters, stride, padding, dilation)`` with pairs for the last three.
+    ``runs_on(device_type)`` says whether it can run here on tensors of that device type ("cpu", "cuda"), for an
+    implementation that cannot run everywhere (a GPU kernel).
     """
 
     def decorator(function: Type[torch.autograd.Function]) -> Type[torch.autograd.Function]:
         _IMPLEMENTATIONS[name] = function
+        _RUNS_ON[name] = runs_on
         return function
 
     return decorator
 
 
-def region_conv_impls() -> list[str]:
-    """Names of the registered implementations."""
-    return list(_IMPLEMENTATIONS)
+def region_conv_impls(device_type: str | None = None) -> list[str]:
+    """Names of the registered implementations; given a ``device_type`` ("cpu", "cuda"), only those that can run
+    here on tensors of that type (tests and benchmarks iterate over these)."""
+    return [name for name in _IMPLEMENTATIONS if device_type is None or _RUNS_ON[name](device_type)]
 
 
 def region_conv_op_names() -> list[str]:
@@ -186,5 +195,6 @@ def _select_regions(region_outputs, mask):
     return region_outputs.gather(1, index).squeeze(1)
 
 
-# Registers the "fast" implementation; at the bottom because it builds on the helpers above.
-from drbench.ops import region_conv_fast  # noqa: E402,F401
+# Register the "fast" and (where triton is installed) "triton" implementations; at the bottom because they build on
+# the helpers above.
+from drbench.ops import region_conv_fast, region_conv_triton  # noqa: E402,F401

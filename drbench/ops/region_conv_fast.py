@@ -278,14 +278,10 @@ class RegionConv2dFast(torch.autograd.Function):
     def forward(ctx, x, guide, filters, stride, padding, dilation):
         batch, regions, out_channels = filters.shape[:3]
         filters = filters.contiguous()  # once, for forward and backward (a generator may give them region-major)
-        geometry = _Geometry.of(x, guide, filters, stride, padding, dilation)
+        tiles, geometry, budget = bucket_layout(x, guide, filters, stride, padding, dilation)
         filters_flat = filters.reshape(batch * regions, out_channels, -1)
-        positions = guide.shape[-2] * guide.shape[-1]
-        budget = _chunk_budget(x.numel(), batch * out_channels * positions)
-        per_chunk = max(1, min(batch, budget // (filters_flat.shape[-1] * positions)))
-        tiles = tile_positions(region_argmax(guide), regions, per_chunk)
         source = geometry.padded(x)
-        out = x.new_empty(batch, out_channels, positions)
+        out = x.new_empty(batch, out_channels, guide.shape[-2] * guide.shape[-1])
         for chunk in tiles.chunks:
             _forward_chunk(source, tiles, chunk, geometry, filters_flat, budget, out)
         ctx.save_for_backward(x, guide, filters)
@@ -296,21 +292,41 @@ class RegionConv2dFast(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, guide, filters = ctx.saved_tensors
-        tiles, geometry = ctx.tiles, ctx.geometry
-        need_x, need_guide, need_filters = ctx.needs_input_grad[:3]
-        grad_out = grad_out.contiguous().flatten(2)  # (B, O, P)
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_filters = None
-        if need_filters:  # a chunk of unsplit buckets writes its filters' gradient whole; split ones add to it
-            grad_filters = (torch.zeros_like if any(c.split for c in tiles.chunks) else torch.empty_like)(filters)
-        if need_x or need_filters:
-            source = geometry.padded(x) if need_filters else None
-            for chunk in tiles.chunks:
-                _backward_chunk(source, grad_out, tiles, chunk, geometry, filters, grad_x, grad_filters)
-        grad_guide = None
-        if need_guide:
-            grad_guide = guide_gradient(guide, _region_scores(geometry, x, filters, grad_out).view_as(guide))
-        return grad_x, grad_guide, grad_filters, None, None, None
+        grads = bucketed_backward(grad_out, x, guide, filters, ctx.tiles, ctx.geometry, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None)
+
+
+def bucket_layout(x, guide, filters, stride, padding, dilation) -> tuple[RegionTiles, _Geometry, int]:
+    """How this implementation lays out a call: the tiles of its positions, chunked so that a chunk's patches fit
+    the budget; where its patches lie in the input; and that budget (see _CHUNK_ELEMENTS)."""
+    batch, regions, out_channels = filters.shape[:3]
+    positions = guide.shape[-2] * guide.shape[-1]
+    budget = _chunk_budget(x.numel(), batch * out_channels * positions)
+    patch_rows = filters[0, 0].numel() // out_channels
+    per_chunk = max(1, min(batch, budget // (patch_rows * positions)))
+    tiles = tile_positions(region_argmax(guide), regions, per_chunk)
+    return tiles, _Geometry.of(x, guide, filters, stride, padding, dilation), budget
+
+
+def bucketed_backward(grad_out, x, guide, filters, tiles: RegionTiles, geometry: _Geometry,
+                      needs_input_grad: tuple[bool, bool, bool]):
+    """The gradients of ``x``, ``guide`` and ``filters`` (contiguous), each None unless ``needs_input_grad`` asks for
+    it, given ``grad_out`` (B, O, H', W') and the layout of :func:`bucket_layout`: exact ones for ``x`` and
+    ``filters`` through the tiles, the paper's approximation for the guide."""
+    need_x, need_guide, need_filters = needs_input_grad
+    grad_out = grad_out.contiguous().flatten(2)  # (B, O, P)
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_filters = None
+    if need_filters:  # a chunk of unsplit buckets writes its filters' gradient whole; split ones add to it
+        grad_filters = (torch.zeros_like if any(c.split for c in tiles.chunks) else torch.empty_like)(filters)
+    if need_x or need_filters:
+        source = geometry.padded(x) if need_filters else None
+        for chunk in tiles.chunks:
+            _backward_chunk(source, grad_out, tiles, chunk, geometry, filters, grad_x, grad_filters)
+    grad_guide = None
+    if need_guide:
+        grad_guide = guide_gradient(guide, _region_scores(geometry, x, filters, grad_out).view_as(guide))
+    return grad_x, grad_guide, grad_filters
 
 
 def _forward_chunk(source, tiles, chunk, geometry, filters_flat, budget, out):
