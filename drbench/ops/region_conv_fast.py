@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -100,67 +101,71 @@ def tile_positions(mask: torch.Tensor, regions: int, samples_per_chunk: int) -> 
     Within a chunk, either each bucket is one tile of T = the chunk's largest bucket (no filter copies; little
     waste when regions are about equal), or buckets are split into tiles of about the mean bucket (a filter copy
     per tile; little waste when one region dominates). The cheaper layout wins.
+
+    The layout of tiles is planned on the bucket counts in Python (B * m numbers); the positions then need only a
+    sort and a handful of whole-batch operations: a bucket's tiles are consecutive and equally wide, so the k-th
+    position of a bucket lands in slot ``first_slot(bucket) + k``.
     """
     batch, positions = mask.shape
     device = mask.device
-    buckets = batch * regions
     key = (mask + torch.arange(batch, device=device)[:, None] * regions).flatten()
-    counts = torch.bincount(key, minlength=buckets)
-    sorted_key, order = torch.sort(key, stable=True)
-
-    chunk_of_sample = torch.arange(batch, device=device) // samples_per_chunk
-    chunk_count = -(-batch // samples_per_chunk)
-    per_chunk = torch.zeros(chunk_count, dtype=torch.long, device=device)  # summed into by chunk
-    largest = per_chunk.scatter_reduce(0, chunk_of_sample, counts.view(batch, regions).amax(1), "amax")
-    one_tile_slots = _round_up(largest, _TILE_ALIGN) * per_chunk.scatter_add(
-        0, chunk_of_sample, torch.full_like(chunk_of_sample, regions))
-    split_size = _round_up(max(_MIN_SPLIT_TILE, -(-positions // regions)), _TILE_ALIGN)
-    split_tiles = (counts + split_size - 1) // split_size
-    split_count = per_chunk.scatter_add(0, chunk_of_sample, split_tiles.view(batch, regions).sum(1))
-    split = split_count * (split_size + _FILTER_COPY_SLOTS) < one_tile_slots
-    size = torch.where(split, split_size, _round_up(largest, _TILE_ALIGN))
-    split_bucket = split.index_select(0, chunk_of_sample)[:, None]
-    tiles_per_bucket = torch.where(split_bucket, split_tiles.view(batch, regions), 1).flatten()
-    chunk_tiles = per_chunk.scatter_add(0, chunk_of_sample, tiles_per_bucket.view(batch, regions).sum(1))
-    chunk_slots = chunk_tiles * size
-
-    first_tile = torch.cumsum(tiles_per_bucket, 0) - tiles_per_bucket
-    chunk_first_tile = torch.cumsum(chunk_tiles, 0) - chunk_tiles
-    chunk_first_slot = torch.cumsum(chunk_slots, 0) - chunk_slots
-    rank = torch.arange(key.numel(), device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, sorted_key)
-    chunk = chunk_of_sample.index_select(0, sorted_key // regions)
-    slot_size = size.index_select(0, chunk)
-    tile_in_chunk = first_tile.index_select(0, sorted_key) + rank // slot_size - chunk_first_tile.index_select(0, chunk)
-    slot_in_chunk = tile_in_chunk * slot_size + rank % slot_size
-
-    sizes, tile_counts, splits, first_tiles, first_slots = torch.stack(
-        [size, chunk_tiles, split.long(), chunk_first_tile, chunk_first_slot]).tolist()
-    slot_position = torch.full((first_slots[-1] + tile_counts[-1] * sizes[-1],), -1, dtype=torch.long, device=device)
-    slot_position.scatter_(0, chunk_first_slot.index_select(0, chunk) + slot_in_chunk, order % positions)
-    # The bucket of each tile is the number of buckets starting at or before it, less one (empty buckets start where
-    # the next one does). repeat_interleave says the same, but it parallelises tiny loops: tens of times slower on a
-    # busy 2-core CPU.
-    tile_count = first_tiles[-1] + tile_counts[-1]
-    tile_bucket = torch.cumsum(torch.bincount(first_tile, minlength=tile_count)[:tile_count], 0) - 1
-    chunks = [
-        TileChunk(
-            samples=(index * samples_per_chunk, min(batch, (index + 1) * samples_per_chunk)),
-            buckets=(index * samples_per_chunk * regions, min(batch, (index + 1) * samples_per_chunk) * regions),
-            tiles=(first_tiles[index], first_tiles[index] + tile_counts[index]),
-            slots=(first_slots[index], first_slots[index] + tile_counts[index] * sizes[index]),
-            size=sizes[index],
-            split=bool(splits[index]),
-        )
-        for index in range(chunk_count)
-    ]
+    counts = torch.bincount(key, minlength=batch * regions)
+    chunks, bucket_first_slot, tile_bucket = _plan_chunks(counts.tolist(), batch, regions, positions,
+                                                          samples_per_chunk)
+    sorted_key, order = _sort_by_bucket(key, batch * regions)
+    # slot of the i-th position in sorted order: i + (first slot of its bucket - first sorted index of its bucket)
+    bucket_shift = torch.tensor(bucket_first_slot, device=device) - (torch.cumsum(counts, 0) - counts)
+    slot = torch.arange(key.numel(), device=device) + bucket_shift.index_select(0, sorted_key)
+    slot_count = chunks[-1].slots[1]
+    slot_position = torch.full((slot_count,), -1, dtype=torch.long, device=device)
+    slot_position.scatter_(0, slot, order % positions)
+    chunk_first_slot = torch.tensor([chunk.slots[0] for chunk in chunks], device=device)
+    slot -= chunk_first_slot.index_select(0, sorted_key // (regions * samples_per_chunk))
+    tile_bucket = torch.tensor(tile_bucket, device=device)
     return RegionTiles(
         slot_valid=slot_position >= 0,
         slot_position=slot_position.clamp_(min=0),
-        position_slot=torch.empty_like(slot_in_chunk).scatter_(0, order, slot_in_chunk).view(batch, positions),
+        position_slot=torch.empty_like(slot).scatter_(0, order, slot).view(batch, positions),
         tile_sample=tile_bucket // regions,
         tile_bucket=tile_bucket,
         chunks=chunks,
     )
+
+
+def _sort_by_bucket(key: torch.Tensor, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(key)``'s values and indices. On CPU with keys below 2**16, NumPy's stable sort of uint16 is a
+    radix sort, several times faster than torch's comparison sort; where positions land within a bucket does not
+    matter, only that each bucket's positions are consecutive."""
+    if key.device.type != "cpu" or buckets > 1 << 16:
+        return torch.sort(key)
+    order = torch.from_numpy(numpy.argsort(key.numpy().astype(numpy.uint16), kind="stable"))
+    return key.index_select(0, order), order
+
+
+def _plan_chunks(counts: list[int], batch: int, regions: int, positions: int, samples_per_chunk: int):
+    """The chunks' tile layout from the bucket counts: (chunks, first slot of each bucket, bucket of each tile)."""
+    split_size = _round_up(max(_MIN_SPLIT_TILE, -(-positions // regions)), _TILE_ALIGN)
+    chunks, bucket_first_slot, tile_bucket = [], [], []
+    for first in range(0, batch, samples_per_chunk):
+        last = min(batch, first + samples_per_chunk)
+        buckets = range(first * regions, last * regions)
+        one_tile = _round_up(max(counts[b] for b in buckets), _TILE_ALIGN)
+        split_tiles = [-(-counts[b] // split_size) for b in buckets]
+        split = sum(split_tiles) * (split_size + _FILTER_COPY_SLOTS) < one_tile * len(buckets)
+        size = split_size if split else one_tile
+        first_tile, first_slot = len(tile_bucket), chunks[-1].slots[1] if chunks else 0
+        for bucket, tiles in zip(buckets, split_tiles if split else [1] * len(buckets)):
+            bucket_first_slot.append(first_slot + (len(tile_bucket) - first_tile) * size)
+            tile_bucket.extend([bucket] * tiles)
+        chunks.append(TileChunk(
+            samples=(first, last),
+            buckets=(buckets.start, buckets.stop),
+            tiles=(first_tile, len(tile_bucket)),
+            slots=(first_slot, first_slot + (len(tile_bucket) - first_tile) * size),
+            size=size,
+            split=split,
+        ))
+    return chunks, bucket_first_slot, tile_bucket
 
 
 @dataclass(frozen=True)
