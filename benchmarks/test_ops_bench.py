@@ -93,6 +93,8 @@ def _case_id(case: tuple[str, dict[str, Any]]) -> str:
 def test_operator(benchmark, timed, device: torch.device, case: tuple[str, dict[str, Any]], shape: Shape,
                   mode: str) -> None:
     op, options = case
+    if options.get("impl", "reference") not in region_conv_impls(device.type):
+        pytest.skip(f"the {options['impl']} implementation does not run on {device.type}")
     torch.manual_seed(0)
     size = (shape.size, shape.size)
     layer = create_conv(op, shape.in_channels, shape.out_channels, 1, input_size=size, **options).to(device)

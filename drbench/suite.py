@@ -360,8 +360,9 @@ def _check_keys(spec: _SuiteSpec, where: _Locator) -> None:
     """Every setting key is a cell field or an operator option that one of the suite's operators takes."""
     options = option_names()
     known = (*CELL_KEYS, *options)
-    ops = _alternatives(spec.axes.get("op", spec.fixed.get("op", cell_defaults()["op"])))
-    ops += [op for entry in spec.include for op in _alternatives(entry.get("op", []))]
+    # A new list: adding to the one _alternatives returns would add the include's operators to the suite's axes.
+    ops = [*_alternatives(spec.axes.get("op", spec.fixed.get("op", cell_defaults()["op"]))),
+           *(op for entry in spec.include for op in _alternatives(entry.get("op", [])))]
     all_ops_known = all(op in list_ops() for op in ops)  # else the cell check names the unknown operator
     sections: list[tuple[FieldPath, Mapping[str, Any]]] = [(("fixed",), spec.fixed), (("axes",), spec.axes)]
     sections += [(("include", i), entry) for i, entry in enumerate(spec.include)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import drbench.ops.region_conv_fast as fast
-from drbench.ops.functional import region_conv2d
+from drbench.ops.functional import default_region_conv_impl, region_conv2d, region_conv_impls
 from test_region_conv import make_inputs as reference_test_inputs  # same case format as the reference's tests
 
 # (C, O, H, W, k, stride, padding, dilation, m)
@@ -180,8 +180,22 @@ def test_tiling_pads_little_when_regions_are_even_and_splits_a_dominant_region()
     assert split.slot_position.numel() < 2 * batch * positions
 
 
-def test_fast_is_the_default_implementation():
+def test_fast_is_the_default_implementation_on_cpu():
     (x, guide, filters), conv_args = make_inputs(CASES[0])
     out = region_conv2d(x.requires_grad_(), guide, filters, *conv_args)
     assert type(out.grad_fn).__name__ == "RegionConv2dFastBackward"
     torch.testing.assert_close(out, region_conv2d(x, guide, filters, *conv_args, impl="reference"))
+    assert default_region_conv_impl("cpu") == "fast"
+
+
+def test_cuda_prefers_the_triton_kernel_where_triton_is_installed():
+    expected = "triton" if "triton" in region_conv_impls("cuda") else "fast"
+    assert default_region_conv_impl("cuda") == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cuda_matches_reference(case):
+    """The fast implementation's torch ops on CUDA tensors (float64, against the reference on CUDA too)."""
+    tensors, conv_args = make_inputs(case)
+    assert_matches_reference([t.cuda() for t in tensors], conv_args, rtol=1e-10, atol=1e-10)

@@ -63,6 +63,26 @@ def test_exclude_sees_defaults_and_include_adds_cells(tmp_path):
     assert [(c["regions"], c["input_size"], c["small_input"]) for c in included] == [(2, 32, True), (4, 32, True)]
 
 
+def test_an_included_operator_does_not_join_the_axes(tmp_path):
+    text = textwrap.dedent("""\
+        name: t
+        fixed: {input_size: 32, small_input: true}
+        axes:
+          model: [shufflenetv2]
+          op: [conv, condconv]
+        include:
+          - {model: shufflenetv2, op: drconv, regions: 8, impl: [fast, reference]}
+        metrics: [params]
+        """)
+    labels = [cell.label() for cell in suite_from(text, tmp_path).cells]
+    assert labels == [
+        "shufflenetv2 1x conv 32px b1 small_input=True",
+        "shufflenetv2 1x condconv 32px b1 small_input=True",
+        "shufflenetv2 1x drconv(regions=8,impl=fast) 32px b1 small_input=True",
+        "shufflenetv2 1x drconv(regions=8,impl=reference) 32px b1 small_input=True",
+    ]
+
+
 def test_metric_settings_come_from_config_unless_the_suite_sets_them(tmp_path):
     text = BASE.replace("metrics: [params]", "metrics:\n  latency: {budget_s: 0.25}\n  memory: null")
     (tmp_path / "drbench.toml").write_text("[timing]\nwarmup = 7\n")

@@ -124,7 +124,8 @@ class DRConv2d(nn.Module):
             samples) or ``"mixture"`` (each region's filter mixes ``bases`` basis kernels, CondConv-style).
         hidden_channels: hidden width of the dynamic generator, a multiple of ``regions`` (default ``regions``).
         bases: basis kernels of the mixture generator (default 8).
-        impl: which :func:`~drbench.ops.functional.region_conv2d` implementation to run (default: the default).
+        impl: which :func:`~drbench.ops.functional.region_conv2d` implementation to run (default: the fastest for the
+            input's device, :func:`~drbench.ops.functional.default_region_conv_impl`).
 
     The guide convolution uses the same kernel, stride, padding and dilation as the layer, so the guided
     feature is at the output resolution; it has PyTorch's default conv init.

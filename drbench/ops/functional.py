@@ -29,7 +29,10 @@ IntPair = int | tuple[int, int]
 
 _IMPLEMENTATIONS: dict[str, Type[torch.autograd.Function]] = {}
 _RUNS_ON: dict[str, Callable[[str], bool]] = {}  # name -> whether it can run here on tensors of a device type
-_DEFAULT_IMPL = "fast"  # FLOP-proportional; the reference stays selectable by name (impl="reference")
+# Preferred implementations per device type, fastest first (measured: benchmarks/test_region_conv_bench.py); the
+# reference stays selectable by name (impl="reference").
+_PREFERRED_IMPLS = {"cuda": ("triton", "fast")}
+_PREFERRED_ELSEWHERE = ("fast",)
 
 
 def _runs_anywhere(device_type: str) -> bool:
@@ -56,6 +59,17 @@ def region_conv_impls(device_type: str | None = None) -> list[str]:
     """Names of the registered implementations; given a ``device_type`` ("cpu", "cuda"), only those that can run
     here on tensors of that type (tests and benchmarks iterate over these)."""
     return [name for name in _IMPLEMENTATIONS if device_type is None or _RUNS_ON[name](device_type)]
+
+
+def default_region_conv_impl(device_type: str) -> str:
+    """The implementation :func:`region_conv2d` runs on tensors of ``device_type`` when none is named: the fastest
+    correct one registered there. On CUDA that is the Triton kernel where triton is installed, else "fast".
+
+    >>> default_region_conv_impl("cpu")
+    'fast'
+    """
+    preferred = _PREFERRED_IMPLS.get(device_type, _PREFERRED_ELSEWHERE)
+    return next(name for name in preferred if name in region_conv_impls(device_type))
 
 
 def region_conv_op_names() -> list[str]:
@@ -112,10 +126,11 @@ def region_conv2d(
 ) -> torch.Tensor:
     """Region-aware convolution: (B, C, H, W) x guide (B, m, H', W') x filters (B, m, O, C, kh, kw) -> (B, O, H', W').
 
-    ``impl`` picks a registered implementation (:func:`region_conv_impls`); ``None`` takes the default.
+    ``impl`` picks a registered implementation (:func:`region_conv_impls`); ``None`` takes the device's default
+    (:func:`default_region_conv_impl`).
     """
     check_region_conv_args(x, guide, filters, stride, padding, dilation)
-    name = impl or _DEFAULT_IMPL
+    name = impl or default_region_conv_impl(x.device.type)
     if name not in _IMPLEMENTATIONS:
         raise ValueError(f"unknown region_conv2d implementation {name!r}; expected one of: {region_conv_impls()}")
     return _IMPLEMENTATIONS[name].apply(x, guide, filters, _pair(stride), _pair(padding), _pair(dilation))
