@@ -51,6 +51,7 @@ def assert_matches_reference(tensors, conv_args, rtol, atol, impl="fast"):
 def small_chunks(monkeypatch):
     """Chunks of one or two samples even at test sizes, so the multi-chunk paths run."""
     monkeypatch.setattr(fast, "_CHUNK_ELEMENTS", 400)
+    monkeypatch.setattr(fast, "_GROUP_ELEMENTS", 400)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

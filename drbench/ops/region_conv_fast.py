@@ -38,8 +38,14 @@ _MIN_SPLIT_TILE = 16
 _FILTER_COPY_SLOTS = 16
 # Most elements of gathered patches at once: about 4 MB in float32, so they are still in the last-level cache when
 # the matmul reads them. Smaller inputs get less: at most half their input and output, which keeps the forward's
-# extra memory within a small multiple of its input and output, however large the kernel.
+# extra memory within a small multiple of its input and output, however large the kernel. A sample whose patches
+# exceed it is done a part of its tiles at a time.
 _CHUNK_ELEMENTS = 1 << 20
+# Samples are grouped into chunks of about this many patch elements (1 MB in float32, a core's L2 here): a smaller
+# chunk's largest bucket, which sets its tile width, is smaller, so fewer slots are padding. At the 1x1 benchmark
+# shape (2 samples a chunk instead of 11) the forward went from 2.30x to 2.12x conv (median of 40 rounds); grouping
+# never splits a sample (splitting made the 3x3 shape slower: 3.35x against 2.79x).
+_GROUP_ELEMENTS = 1 << 18
 
 
 def _round_up(value, multiple: int):
@@ -73,12 +79,14 @@ class RegionTiles:
     Tiles are ordered by sample, then region. Flat arrays (P = H' * W' positions per sample):
 
     - ``slot_position`` (slots,): the position (0..P-1, within its sample) each slot computes; 0 on padding.
+    - ``slot_sample`` (slots,): the sample of each slot's position; 0 on padding.
     - ``slot_valid`` (slots,): False on the padding slots that fill a bucket's last tile.
     - ``position_slot`` (B, P): the slot computing each position, counted from its chunk's first slot.
     - ``tile_sample``, ``tile_bucket`` (tiles,): the sample and the bucket (sample * m + region) of each tile.
     """
 
     slot_position: torch.Tensor
+    slot_sample: torch.Tensor
     slot_valid: torch.Tensor
     position_slot: torch.Tensor
     tile_sample: torch.Tensor
@@ -117,14 +125,16 @@ def tile_positions(mask: torch.Tensor, regions: int, samples_per_chunk: int) -> 
     bucket_shift = torch.tensor(bucket_first_slot, device=device) - (torch.cumsum(counts, 0) - counts)
     slot = torch.arange(key.numel(), device=device) + bucket_shift.index_select(0, sorted_key)
     slot_count = chunks[-1].slots[1]
-    slot_position = torch.full((slot_count,), -1, dtype=torch.long, device=device)
-    slot_position.scatter_(0, slot, order % positions)
+    slot_flat = torch.full((slot_count,), -1, dtype=torch.long, device=device).scatter_(0, slot, order)
+    slot_valid = slot_flat >= 0
+    slot_flat.clamp_(min=0)  # padding slots read position 0 of sample 0; what they compute is never used
     chunk_first_slot = torch.tensor([chunk.slots[0] for chunk in chunks], device=device)
     slot -= chunk_first_slot.index_select(0, sorted_key // (regions * samples_per_chunk))
     tile_bucket = torch.tensor(tile_bucket, device=device)
     return RegionTiles(
-        slot_valid=slot_position >= 0,
-        slot_position=slot_position.clamp_(min=0),
+        slot_valid=slot_valid,
+        slot_position=slot_flat % positions,
+        slot_sample=slot_flat // positions,
         position_slot=torch.empty_like(slot).scatter_(0, order, slot).view(batch, positions),
         tile_sample=tile_bucket // regions,
         tile_bucket=tile_bucket,
@@ -220,34 +230,45 @@ class _Geometry:
         return F.fold(columns, self.input_size, self.kernel, self.dilation, self.padding, self.stride)
 
 
-def _gather_columns(source, tiles: RegionTiles, chunk: TileChunk, part, offsets=None, position_base=None):
-    """Columns of ``source`` (B, R, L) in tile order for the tiles ``part`` (a [first, last) range within ``chunk``):
-    (tiles, R * K, T), where column s of tile t holds ``source[sample(t), :, base(s) + offsets[k]]`` for each of
-    the K offsets (R-major, like a filter; one zero offset when None).
+def slot_starts(tiles: RegionTiles, source: torch.Tensor, position_base=None) -> torch.Tensor:
+    """Where each slot's column starts in ``source`` (B, R, L) as :func:`_gather_columns` reads it: column
+    ``b * R * L + l`` of each row holds ``source[b, r, l]``, and slot s starts at ``l = base(position(s))``
+    (``position_base`` of the position, the position itself when None). Computed once per call, for all chunks."""
+    base = tiles.slot_position if position_base is None else position_base.index_select(0, tiles.slot_position)
+    return base + tiles.slot_sample * source[0].numel()
 
-    ``base`` is ``position_base`` of the slot's position (the position itself when None). One gather reads all the
-    samples: the strided view below reaches ``source[b, r, l]`` at column ``b * R * L + l`` of row r.
+
+def _gather_columns(source, starts, chunk: TileChunk, part, offsets=None):
+    """Columns of ``source`` (B, R, L) in tile order for the tiles ``part`` (a [first, last) range within ``chunk``):
+    (tiles, R * K, T), where the column of slot s holds ``source[sample(s), :, start(s) + offsets[k]]`` for each of
+    the K offsets (R-major, like a filter; one zero offset when None). ``starts``: :func:`slot_starts`.
+
+    One gather reads all the samples, through a view that puts ``source[b, r, l]`` at column ``b * R * L + l`` of
+    row r.
     """
     batch, rows, length = source.shape
-    first, last = chunk.tiles[0] + part[0], chunk.tiles[0] + part[1]
-    count = last - first
-    base = tiles.slot_position[chunk.slots[0] + part[0] * chunk.size:chunk.slots[0] + part[1] * chunk.size]
-    if position_base is not None:
-        base = position_base.index_select(0, base)
-    base = base.view(count, 1, chunk.size) + (tiles.tile_sample[first:last] * (rows * length))[:, None, None]
-    index = base if offsets is None else (base + offsets[:, None]).view(count, 1, -1)
+    count = part[1] - part[0]
+    index = starts[chunk.slots[0] + part[0] * chunk.size:chunk.slots[0] + part[1] * chunk.size].view(count, 1, -1)
+    if offsets is not None:
+        index = (index + offsets[:, None]).view(count, 1, -1)
     every_sample = source.as_strided((count, rows, batch * rows * length - (rows - 1) * length), (0, length, 1))
-    columns = torch.gather(every_sample, 2, index.expand(-1, rows, -1))
-    return columns.view(count, -1, chunk.size)
+    return torch.gather(every_sample, 2, index.expand(-1, rows, -1)).view(count, -1, chunk.size)
 
 
-def _scatter_columns(tiled, position_slot, out=None):
+def tiled_offsets(tiles: RegionTiles, rows: int) -> torch.Tensor:
+    """Where each position's column lies in its chunk's tiled buffer (tiles, ``rows``, T), (B, P): for
+    :func:`_scatter_columns`. Computed once per call, for all chunks."""
+    size = torch.tensor([chunk.size for chunk in tiles.chunks for _ in range(*chunk.samples)],
+                        device=tiles.position_slot.device)[:, None]
+    return (tiles.position_slot // size) * (rows * size) + tiles.position_slot % size
+
+
+def _scatter_columns(tiled, offsets, out=None):
     """Inverse of the tiling: ``tiled`` (tiles, R, T) back to position order (B, R, P) for the chunk's samples,
-    given their slots ``position_slot`` (B, P) counted from the chunk's first slot."""
+    whose columns lie at ``offsets`` (B, P) (the chunk's rows of :func:`tiled_offsets`)."""
     tile_count, rows, size = tiled.shape
-    index = (position_slot // size) * (rows * size) + position_slot % size
-    every_tile = tiled.as_strided((position_slot.shape[0], rows, (tile_count - 1) * rows * size + size), (0, size, 1))
-    return torch.gather(every_tile, 2, index[:, None].expand(-1, rows, -1), out=out)
+    every_tile = tiled.as_strided((offsets.shape[0], rows, (tile_count - 1) * rows * size + size), (0, size, 1))
+    return torch.gather(every_tile, 2, offsets[:, None].expand(-1, rows, -1), out=out)
 
 
 def _chunk_filters(filters_flat, tiles: RegionTiles, chunk: TileChunk, part):
@@ -284,11 +305,7 @@ class RegionConv2dFast(torch.autograd.Function):
         batch, regions, out_channels = filters.shape[:3]
         filters = filters.contiguous()  # once, for forward and backward (a generator may give them region-major)
         tiles, geometry, budget = bucket_layout(x, guide, filters, stride, padding, dilation)
-        filters_flat = filters.reshape(batch * regions, out_channels, -1)
-        source = geometry.padded(x)
-        out = x.new_empty(batch, out_channels, guide.shape[-2] * guide.shape[-1])
-        for chunk in tiles.chunks:
-            _forward_chunk(source, tiles, chunk, geometry, filters_flat, budget, out)
+        out = _tiled_forward(x, tiles, geometry, filters.reshape(batch * regions, out_channels, -1), budget)
         ctx.save_for_backward(x, guide, filters)
         ctx.tiles, ctx.geometry = tiles, geometry
         return out.view(batch, out_channels, *guide.shape[-2:])
@@ -302,13 +319,14 @@ class RegionConv2dFast(torch.autograd.Function):
 
 
 def bucket_layout(x, guide, filters, stride, padding, dilation) -> tuple[RegionTiles, _Geometry, int]:
-    """How this implementation lays out a call: the tiles of its positions, chunked so that a chunk's patches fit
-    the budget; where its patches lie in the input; and that budget (see _CHUNK_ELEMENTS)."""
+    """How this implementation lays out a call: the tiles of its positions, in chunks of samples (about
+    _GROUP_ELEMENTS patch elements each); where its patches lie in the input; and the budget of patch elements held
+    at once (see _CHUNK_ELEMENTS), which splits a chunk into parts where it has more."""
     batch, regions, out_channels = filters.shape[:3]
     positions = guide.shape[-2] * guide.shape[-1]
     budget = _chunk_budget(x.numel(), batch * out_channels * positions)
     patch_rows = filters[0, 0].numel() // out_channels
-    per_chunk = max(1, min(batch, budget // (patch_rows * positions)))
+    per_chunk = max(1, min(batch, _GROUP_ELEMENTS // (patch_rows * positions)))
     tiles = tile_positions(region_argmax(guide), regions, per_chunk)
     return tiles, _Geometry.of(x, guide, filters, stride, padding, dilation), budget
 
@@ -325,49 +343,62 @@ def bucketed_backward(grad_out, x, guide, filters, tiles: RegionTiles, geometry:
     if need_filters:  # a chunk of unsplit buckets writes its filters' gradient whole; split ones add to it
         grad_filters = (torch.zeros_like if any(c.split for c in tiles.chunks) else torch.empty_like)(filters)
     if need_x or need_filters:
-        source = geometry.padded(x) if need_filters else None
-        for chunk in tiles.chunks:
-            _backward_chunk(source, grad_out, tiles, chunk, geometry, filters, grad_x, grad_filters)
+        _tiled_backward(grad_out, x, tiles, geometry, filters, grad_x, grad_filters)
     grad_guide = None
     if need_guide:
         grad_guide = guide_gradient(guide, _region_scores(geometry, x, filters, grad_out).view_as(guide))
     return grad_x, grad_guide, grad_filters
 
 
-def _forward_chunk(source, tiles, chunk, geometry, filters_flat, budget, out):
-    """The outputs of ``chunk``'s samples into ``out``, its patches gathered a part at a time."""
-    tiled = out.new_empty(chunk.tile_count, out.shape[1], chunk.size)
-    for part in _tile_parts(chunk, filters_flat.shape[-1], budget):
-        patches = _gather_columns(source, tiles, chunk, part, geometry.offsets, geometry.position_base)
-        torch.bmm(_chunk_filters(filters_flat, tiles, chunk, part), patches, out=tiled[part[0]:part[1]])
-        del patches  # before the next part's are gathered
-    first, last = chunk.samples
-    _scatter_columns(tiled, tiles.position_slot[first:last], out=out[first:last])
+def _tiled_forward(x, tiles: RegionTiles, geometry: _Geometry, filters_flat, budget: int) -> torch.Tensor:
+    """The output (B, O, P), chunk by chunk: gather a part's patches, multiply them by their tiles' filters, and
+    scatter the chunk's tiled output into place."""
+    source = geometry.padded(x)
+    starts = slot_starts(tiles, source, geometry.position_base)
+    out_channels = filters_flat.shape[1]
+    out_offsets = tiled_offsets(tiles, out_channels)
+    out = x.new_empty(x.shape[0], out_channels, out_offsets.shape[1])
+    for chunk in tiles.chunks:
+        tiled = out.new_empty(chunk.tile_count, out_channels, chunk.size)
+        for part in _tile_parts(chunk, filters_flat.shape[-1], budget):
+            patches = _gather_columns(source, starts, chunk, part, geometry.offsets)
+            torch.bmm(_chunk_filters(filters_flat, tiles, chunk, part), patches, out=tiled[part[0]:part[1]])
+            del patches  # before the next part's are gathered
+        first, last = chunk.samples
+        _scatter_columns(tiled, out_offsets[first:last], out=out[first:last])
+    return out
 
 
-def _backward_chunk(source, grad_out, tiles, chunk, geometry, filters, grad_x, grad_filters):
-    """The gradients of ``x`` and ``filters`` (where not None) of ``chunk``'s samples, through its tiles."""
+def _tiled_backward(grad_out, x, tiles: RegionTiles, geometry: _Geometry, filters, grad_x, grad_filters) -> None:
+    """The gradients of ``x`` and ``filters`` into ``grad_x`` and ``grad_filters`` (where not None), chunk by
+    chunk, through the tiles: only the selected filter at each position."""
     batch, regions, out_channels = filters.shape[:3]
     filters_flat = filters.reshape(batch * regions, out_channels, -1)
-    whole = (0, chunk.tile_count)
-    tiled_grad = _gather_columns(grad_out, tiles, chunk, whole)  # (tiles, O, T)
-    valid = tiles.slot_valid[chunk.slots[0]:chunk.slots[1]].view(chunk.tile_count, 1, chunk.size)
-    # Padding slots must not add to the filters' gradient. Multiplying by the mask is several times faster than
-    # masked_fill; it differs only where grad_out is not finite, whose gradients are lost anyway.
-    tiled_grad.mul_(valid.to(tiled_grad.dtype))
+    grad_starts = slot_starts(tiles, grad_out)
     if grad_filters is not None:
-        patches = _gather_columns(source, tiles, chunk, whole, geometry.offsets, geometry.position_base)
-        grad_flat = grad_filters.view_as(filters_flat)
-        if chunk.split:
-            grad_tiles = torch.bmm(tiled_grad, patches.transpose(1, 2))
-            grad_flat.index_add_(0, tiles.tile_bucket[chunk.tiles[0]:chunk.tiles[1]], grad_tiles)
-        else:
-            torch.bmm(tiled_grad, patches.transpose(1, 2), out=grad_flat[chunk.buckets[0]:chunk.buckets[1]])
+        source = geometry.padded(x)
+        starts = slot_starts(tiles, source, geometry.position_base)
     if grad_x is not None:
-        tiled_filters = _chunk_filters(filters_flat, tiles, chunk, whole)
-        tiled_patch_grad = torch.bmm(tiled_filters.transpose(1, 2), tiled_grad)
-        first, last = chunk.samples
-        grad_x[first:last] = geometry.fold(_scatter_columns(tiled_patch_grad, tiles.position_slot[first:last]))
+        patch_offsets = tiled_offsets(tiles, filters_flat.shape[-1])
+    for chunk in tiles.chunks:
+        whole = (0, chunk.tile_count)
+        tiled_grad = _gather_columns(grad_out, grad_starts, chunk, whole)  # (tiles, O, T)
+        valid = tiles.slot_valid[chunk.slots[0]:chunk.slots[1]].view(chunk.tile_count, 1, chunk.size)
+        # Padding slots must not add to the filters' gradient. Multiplying by the mask is several times faster than
+        # masked_fill; it differs only where grad_out is not finite, whose gradients are lost anyway.
+        tiled_grad.mul_(valid.to(tiled_grad.dtype))
+        if grad_filters is not None:
+            patches = _gather_columns(source, starts, chunk, whole, geometry.offsets)
+            grad_flat = grad_filters.view_as(filters_flat)
+            if chunk.split:
+                grad_tiles = torch.bmm(tiled_grad, patches.transpose(1, 2))
+                grad_flat.index_add_(0, tiles.tile_bucket[chunk.tiles[0]:chunk.tiles[1]], grad_tiles)
+            else:
+                torch.bmm(tiled_grad, patches.transpose(1, 2), out=grad_flat[chunk.buckets[0]:chunk.buckets[1]])
+        if grad_x is not None:
+            tiled_patch_grad = torch.bmm(_chunk_filters(filters_flat, tiles, chunk, whole).transpose(1, 2), tiled_grad)
+            first, last = chunk.samples
+            grad_x[first:last] = geometry.fold(_scatter_columns(tiled_patch_grad, patch_offsets[first:last]))
 
 
 def _region_scores(geometry, x, filters, grad_out):
