@@ -4,13 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build of torch from the pinned release; without it pip would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Triton for the "triton" region_conv2d implementation, whose tests run in Triton's interpreter on the CPU; pinned
+# to the release that CUDA builds of torch 2.11 bring with them.
+TRITON_SPEC ?= triton==3.6.0
 
 .PHONY: setup demo test test-slow test-timing clean
 
 $(BIN)/drbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
