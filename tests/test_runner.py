@@ -44,6 +44,7 @@ def test_each_cell_is_stored_once_and_a_second_run_adds_nothing(config):
     assert record["status"] == "ok" and record["metrics"]["latency"]["value"] > 0
     assert len(record["metrics"]["latency"]["samples"]) >= 2
     assert record["env"]["threads"] == 1 == record["metrics"]["latency"]["threads"]
+    assert record["env"]["region_conv_impl"] == "fast"  # what a drconv cell without an impl option ran
     assert record["metric_settings"]["latency"]["budget_s"] == 0.02
 
     second = run_suite(suite, config)
