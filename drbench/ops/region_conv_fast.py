@@ -41,10 +41,10 @@ _FILTER_COPY_SLOTS = 16
 # extra memory within a small multiple of its input and output, however large the kernel. A sample whose patches
 # exceed it is done a part of its tiles at a time.
 _CHUNK_ELEMENTS = 1 << 20
-# Samples are grouped into chunks of about this many patch elements (1 MB in float32, a core's L2 here): a smaller
-# chunk's largest bucket, which sets its tile width, is smaller, so fewer slots are padding. At the 1x1 benchmark
-# shape (2 samples a chunk instead of 11) the forward went from 2.30x to 2.12x conv (median of 40 rounds); grouping
-# never splits a sample (splitting made the 3x3 shape slower: 3.35x against 2.79x).
+# On CPU, samples are grouped into chunks of about this many patch elements (1 MB in float32, a core's L2 here):
+# a smaller chunk's largest bucket, which sets its tile width, is smaller, so fewer slots are padding. At the 1x1
+# benchmark shape (2 samples a chunk instead of 11) the forward went from 2.30x to 2.12x conv (median of 40 rounds);
+# grouping never splits a sample (splitting made the 3x3 shape slower: 3.35x against 2.79x).
 _GROUP_ELEMENTS = 1 << 18
 
 
@@ -320,13 +320,14 @@ class RegionConv2dFast(torch.autograd.Function):
 
 def bucket_layout(x, guide, filters, stride, padding, dilation) -> tuple[RegionTiles, _Geometry, int]:
     """How this implementation lays out a call: the tiles of its positions, in chunks of samples (about
-    _GROUP_ELEMENTS patch elements each); where its patches lie in the input; and the budget of patch elements held
-    at once (see _CHUNK_ELEMENTS), which splits a chunk into parts where it has more."""
+    _GROUP_ELEMENTS patch elements each on CPU, the budget elsewhere); where its patches lie in the input; and the
+    budget of patch elements held at once (see _CHUNK_ELEMENTS), which splits a chunk into parts where it has more."""
     batch, regions, out_channels = filters.shape[:3]
     positions = guide.shape[-2] * guide.shape[-1]
     budget = _chunk_budget(x.numel(), batch * out_channels * positions)
     patch_rows = filters[0, 0].numel() // out_channels
-    per_chunk = max(1, min(batch, _GROUP_ELEMENTS // (patch_rows * positions)))
+    group = _GROUP_ELEMENTS if x.device.type == "cpu" else budget  # a GPU gains from fewer, larger launches instead
+    per_chunk = max(1, min(batch, group // (patch_rows * positions)))
     tiles = tile_positions(region_argmax(guide), regions, per_chunk)
     return tiles, _Geometry.of(x, guide, filters, stride, padding, dilation), budget
 
