@@ -323,7 +323,8 @@ def matches(values: Mapping[str, Any], rule: Mapping[str, Any]) -> bool:
 
 
 def _alternatives(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
+    """A setting's alternatives as a new list (callers extend it; the suite's own lists stay as written)."""
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _canonical(value: Any) -> Any:
@@ -360,9 +361,8 @@ def _check_keys(spec: _SuiteSpec, where: _Locator) -> None:
     """Every setting key is a cell field or an operator option that one of the suite's operators takes."""
     options = option_names()
     known = (*CELL_KEYS, *options)
-    # A new list: adding to the one _alternatives returns would add the include's operators to the suite's axes.
-    ops = [*_alternatives(spec.axes.get("op", spec.fixed.get("op", cell_defaults()["op"]))),
-           *(op for entry in spec.include for op in _alternatives(entry.get("op", [])))]
+    ops = _alternatives(spec.axes.get("op", spec.fixed.get("op", cell_defaults()["op"])))
+    ops += [op for entry in spec.include for op in _alternatives(entry.get("op", []))]
     all_ops_known = all(op in list_ops() for op in ops)  # else the cell check names the unknown operator
     sections: list[tuple[FieldPath, Mapping[str, Any]]] = [(("fixed",), spec.fixed), (("axes",), spec.axes)]
     sections += [(("include", i), entry) for i, entry in enumerate(spec.include)]

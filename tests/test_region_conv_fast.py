@@ -160,9 +160,9 @@ def test_tiling_places_every_position_once_in_a_tile_of_its_bucket(bias, per_chu
             assert torch.equal(tiles.slot_position[slots], torch.arange(positions))
             tile = tiles.position_slot[b] // chunk.size + chunk.tiles[0]
             assert torch.equal(tiles.tile_bucket[tile], b * regions + mask[b])
-            assert (tiles.tile_sample[tile] == b).all()
+            assert (tiles.tile_bucket[tile] // regions == b).all()
         valid = tiles.slot_valid[chunk.slots[0]:chunk.slots[1]].view(chunk.tile_count, chunk.size)
-        samples = tiles.tile_sample[chunk.tiles[0]:chunk.tiles[1]]
+        samples = tiles.tile_bucket[chunk.tiles[0]:chunk.tiles[1]] // regions
         for b in range(*chunk.samples):
             seen[b] += valid[samples == b].sum()
     assert (seen == positions).all()  # no slot counted twice

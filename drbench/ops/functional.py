@@ -19,7 +19,7 @@ torch.Size([2, 16, 10, 10])
 
 from __future__ import annotations
 
-from typing import Callable, Type
+from typing import Callable, NamedTuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,13 @@ from torch.nn.modules.utils import _pair
 
 IntPair = int | tuple[int, int]
 
-_IMPLEMENTATIONS: dict[str, Type[torch.autograd.Function]] = {}
-_RUNS_ON: dict[str, Callable[[str], bool]] = {}  # name -> whether it can run here on tensors of a device type
+
+class _Implementation(NamedTuple):
+    function: Type[torch.autograd.Function]
+    runs_on: Callable[[str], bool]  # whether it can run here on tensors of a device type
+
+
+_IMPLEMENTATIONS: dict[str, _Implementation] = {}
 # Preferred implementations per device type, fastest first (measured: benchmarks/test_region_conv_bench.py); the
 # reference stays selectable by name (impl="reference").
 _PREFERRED_IMPLS = {"cuda": ("triton", "fast")}
@@ -48,8 +53,7 @@ def register_region_conv_impl(name: str, runs_on: Callable[[str], bool] = _runs_
     """
 
     def decorator(function: Type[torch.autograd.Function]) -> Type[torch.autograd.Function]:
-        _IMPLEMENTATIONS[name] = function
-        _RUNS_ON[name] = runs_on
+        _IMPLEMENTATIONS[name] = _Implementation(function, runs_on)
         return function
 
     return decorator
@@ -58,7 +62,7 @@ def register_region_conv_impl(name: str, runs_on: Callable[[str], bool] = _runs_
 def region_conv_impls(device_type: str | None = None) -> list[str]:
     """Names of the registered implementations; given a ``device_type`` ("cpu", "cuda"), only those that can run
     here on tensors of that type (tests and benchmarks iterate over these)."""
-    return [name for name in _IMPLEMENTATIONS if device_type is None or _RUNS_ON[name](device_type)]
+    return [name for name, found in _IMPLEMENTATIONS.items() if device_type is None or found.runs_on(device_type)]
 
 
 def default_region_conv_impl(device_type: str) -> str:
@@ -74,7 +78,7 @@ def default_region_conv_impl(device_type: str) -> str:
 
 def region_conv_op_names() -> list[str]:
     """The names under which tracers (fvcore, torch.jit) see each implementation, e.g. for op handles."""
-    return [f"prim::PythonOp.{function.__name__}" for function in _IMPLEMENTATIONS.values()]
+    return [f"prim::PythonOp.{found.function.__name__}" for found in _IMPLEMENTATIONS.values()]
 
 
 def conv_output_size(size: IntPair, kernel_size: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair):
@@ -133,7 +137,7 @@ def region_conv2d(
     name = impl or default_region_conv_impl(x.device.type)
     if name not in _IMPLEMENTATIONS:
         raise ValueError(f"unknown region_conv2d implementation {name!r}; expected one of: {region_conv_impls()}")
-    return _IMPLEMENTATIONS[name].apply(x, guide, filters, _pair(stride), _pair(padding), _pair(dilation))
+    return _IMPLEMENTATIONS[name].function.apply(x, guide, filters, _pair(stride), _pair(padding), _pair(dilation))
 
 
 def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int = 1):

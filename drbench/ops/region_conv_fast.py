@@ -82,14 +82,13 @@ class RegionTiles:
     - ``slot_sample`` (slots,): the sample of each slot's position; 0 on padding.
     - ``slot_valid`` (slots,): False on the padding slots that fill a bucket's last tile.
     - ``position_slot`` (B, P): the slot computing each position, counted from its chunk's first slot.
-    - ``tile_sample``, ``tile_bucket`` (tiles,): the sample and the bucket (sample * m + region) of each tile.
+    - ``tile_bucket`` (tiles,): the bucket (sample * m + region) of each tile.
     """
 
     slot_position: torch.Tensor
     slot_sample: torch.Tensor
     slot_valid: torch.Tensor
     position_slot: torch.Tensor
-    tile_sample: torch.Tensor
     tile_bucket: torch.Tensor
     chunks: list[TileChunk]
 
@@ -130,14 +129,12 @@ def tile_positions(mask: torch.Tensor, regions: int, samples_per_chunk: int) -> 
     slot_flat.clamp_(min=0)  # padding slots read position 0 of sample 0; what they compute is never used
     chunk_first_slot = torch.tensor([chunk.slots[0] for chunk in chunks], device=device)
     slot -= chunk_first_slot.index_select(0, sorted_key // (regions * samples_per_chunk))
-    tile_bucket = torch.tensor(tile_bucket, device=device)
     return RegionTiles(
         slot_valid=slot_valid,
         slot_position=slot_flat % positions,
         slot_sample=slot_flat // positions,
         position_slot=torch.empty_like(slot).scatter_(0, order, slot).view(batch, positions),
-        tile_sample=tile_bucket // regions,
-        tile_bucket=tile_bucket,
+        tile_bucket=torch.tensor(tile_bucket, device=device),
         chunks=chunks,
     )
 
@@ -200,10 +197,6 @@ class _Geometry:
         out_rows = torch.arange(guide.shape[-2], device=device)[:, None] * stride[0] * padded_width
         position_base = (out_rows + torch.arange(guide.shape[-1], device=device) * stride[1]).flatten()
         return cls(kernel, stride, padding, dilation, tuple(x.shape[-2:]), offsets, position_base)
-
-    @property
-    def conv_args(self):
-        return self.stride, self.padding, self.dilation
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) zero-padded and flattened to (B, C, Hp * Wp)."""
