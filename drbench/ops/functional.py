@@ -216,4 +216,4 @@ def _select_regions(region_outputs, mask):
 
 # Register the "fast" and (where triton is installed) "triton" implementations; at the bottom because they build on
 # the helpers above.
-from drbench.ops import region_conv_fast, region_conv_triton  # noqa: E402,F401
+from drbench.ops import region_conv_fast, region_conv_triton, region_conv_cpu  # noqa: E402,F401

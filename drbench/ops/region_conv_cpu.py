@@ -1,0 +1,286 @@
+"""Compiled CPU region convolution: positions routed to buckets, one GEMM per bucket, no tile padding.
+
+Two ways to compute a DRConv layer share these kernels (``csrc/region_conv_cpu.cpp``, built with torch's C++
+extension loader on first use and cached by it between runs):
+
+- **Per-sample filters** (implementation ``"compiled"`` of :func:`~drbench.ops.functional.region_conv2d`): any
+  filters (B, m, O, C, kh, kw). A bucket is a (sample, region) pair; its positions' patches are gathered into rows
+  and multiplied by that filter.
+- **Factored filters** (:func:`factored_region_conv2d`, what :class:`~drbench.ops.drconv.DRConv2d` runs for its
+  ``dynamic`` and ``static`` generators): ``filter[b, t, :, :, tap] = sum_q coeffs[b, t, q, tap] * W_q[t]`` with
+  weights ``W_q`` (m, O, C) shared by the batch. A position in region t is then
+  ``sum_q W_q[t] @ (sum_tap coeffs[b, t, q, tap] * x_tap)``: a bucket is a region, holding the positions of every
+  sample, its rows are those per-q stencils, and no (B, m, O, C, kh, kw) tensor exists. Without coefficients
+  (the static generator) the rows are patches and the weight is the region's filter.
+
+Backward: exact gradients of x, the coefficients and the weights through the same buckets (GEMMs against the rows
+kept from the forward), the guide's from Eq. 6-8, whose region scores need every region's response everywhere:
+computed from the factors (a GEMM of grad_out against every region's stacked weights, then stencils) when that is
+cheaper than from materialised filters (fast's batched matmul), which it is for k x k kernels but not for 1x1.
+
+Where the extension cannot be built (no compiler, no headers), :func:`extension` warns once and returns None;
+callers then use the pure-torch implementations. ``DRBENCH_NO_COMPILE=1`` forces that.
+
+>>> import torch
+>>> from drbench.ops.functional import region_conv2d
+>>> x, guide, filters = torch.randn(2, 8, 10, 10), torch.randn(2, 4, 10, 10), torch.randn(2, 4, 16, 8, 3, 3)
+>>> expected = region_conv2d(x, guide, filters, padding=1, impl="reference")
+>>> not available() or torch.allclose(region_conv2d(x, guide, filters, padding=1, impl="compiled"), expected,
+...                                   atol=1e-4)
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from drbench.ops.functional import conv_output_size, guide_gradient, register_region_conv_impl
+from drbench.ops.region_conv_fast import _Geometry, _region_scores
+
+_SOURCE = Path(__file__).with_name("csrc") / "region_conv_cpu.cpp"
+# Most feature elements gathered at once in a forward that keeps nothing for backward: about 4 MB in float32, in the
+# last-level cache when the GEMMs read them, and a small part of a layer's input and output (peak memory).
+_CHUNK_ELEMENTS = 1 << 20
+# Rows of grad_out turned into every region's (m * Q * C) back-projection at once by the factored guide scores.
+_SCORE_CHUNK_ELEMENTS = 1 << 21
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The compiled kernels, built on first call (tens of seconds, once: torch caches the build under
+    ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); None, with one warning, where they cannot be
+    built, or when ``DRBENCH_NO_COMPILE`` is set."""
+    if os.environ.get("DRBENCH_NO_COMPILE"):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT": the build targets it
+    arch = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}.get(capability, [])
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=f"drbench_region_conv_cpu_{capability.lower()}",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *arch],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - no compiler, no headers, a failed build: all mean "not here"
+        warnings.warn(f"drbench: the compiled region convolution could not be built ({type(error).__name__}: "
+                      f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the pure-torch "
+                      "implementations, which are slower", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def available() -> bool:
+    """Whether the compiled kernels run here (building them on first call)."""
+    return extension() is not None
+
+
+def _runs_on(device_type: str) -> bool:
+    return device_type == "cpu" and available()
+
+
+def conv_args(kernel: Sequence[int], stride, padding, dilation) -> list[int]:
+    """The kernels' geometry argument: kh, kw, stride, padding, dilation as eight ints."""
+    return [*kernel, *stride, *padding, *dilation]
+
+
+def _chunk_samples(batch: int, per_sample_elements: int) -> int:
+    return max(1, min(batch, _CHUNK_ELEMENTS // max(1, per_sample_elements)))
+
+
+class Routing(NamedTuple):
+    """What a forward keeps for backward: each position's region (B*P), positions in bucket order (N), each
+    position's row (B*P), the buckets' first rows (buckets + 1), and the feature rows (N, K)."""
+
+    mask: torch.Tensor
+    order: torch.Tensor
+    inverse: torch.Tensor
+    offsets: torch.Tensor
+    features: torch.Tensor
+
+
+def bucketed_forward(x, guide, coeffs, weights, per_sample: bool, kernel, stride, padding, dilation, bias=None,
+                     keep: bool = False):
+    """The layer's output (B, O, H', W') (plus ``bias`` per channel when given), and when ``keep`` the routing and
+    feature rows that :func:`bucketed_backward` needs; without ``keep`` samples are done a chunk at a time, so that
+    the rows never exceed a few MB.
+
+    ``weights``: per-block (buckets, O, K_q) matrices, buckets = m, or B * m when ``per_sample``;
+    ``coeffs`` (B, m, Q, taps) or None (patches).
+    """
+    ext = extension()
+    batch, channels = x.shape[:2]
+    regions = guide.shape[1]
+    out_h, out_w = guide.shape[-2:]
+    conv = conv_args(kernel, stride, padding, dilation)
+    out = x.new_empty(batch, weights[0].shape[1], out_h, out_w)
+    row_width = sum(w.shape[2] for w in weights)
+    step = batch if keep else _chunk_samples(batch, out_h * out_w * row_width)
+    saved = None
+    for first in range(0, batch, step):
+        count = min(step, batch - first)
+        part = slice(first, first + count)
+        mask, order, inverse, offsets = ext.route(guide[part], per_sample)
+        part_coeffs = None if coeffs is None else coeffs[part]
+        features = ext.gather_features(x[part], order, mask, part_coeffs, conv, out_h, out_w)
+        part_weights = [w[first * regions:(first + count) * regions] for w in weights] if per_sample else weights
+        ext.scatter_rows(ext.bucket_matmul(features, offsets, part_weights), inverse, out[part], bias)
+        if keep:
+            saved = Routing(mask, order, inverse, offsets, features)
+    return out, saved
+
+
+def bucketed_backward(grad_out, x, coeffs, weights, routing: Routing, kernel, stride, padding, dilation,
+                      need_x: bool, need_coeffs: bool, need_weights: bool):
+    """Gradients of x, the coefficients and the weights (each None unless asked for), through the buckets."""
+    ext = extension()
+    conv = conv_args(kernel, stride, padding, dilation)
+    out_h, out_w = grad_out.shape[-2:]
+    grad_rows = ext.gather_rows(grad_out, routing.inverse)
+    grads = ext.bucket_matmul_backward(grad_rows, routing.features, routing.offsets, weights,
+                                       need_x or need_coeffs, need_weights)
+    grad_features, grad_weights = grads[0], grads[1:]
+    grad_x = grad_coeffs = None
+    if need_x:
+        grad_x = ext.features_backward_input(grad_features, x, routing.inverse, routing.mask, coeffs, conv, out_h,
+                                             out_w)
+    if need_coeffs:
+        grad_coeffs = ext.features_backward_coeffs(grad_features, x, routing.inverse, routing.mask,
+                                                   coeffs.shape[1], coeffs.shape[2], conv, out_h, out_w)
+    return grad_x, grad_coeffs, (grad_weights if need_weights else None), grad_rows
+
+
+def _output_size(x, kernel, stride, padding, dilation) -> tuple[int, int]:
+    return conv_output_size(x.shape[-2:], kernel, stride, padding, dilation)
+
+
+@register_region_conv_impl("compiled", runs_on=_runs_on)
+class RegionConv2dCompiled(torch.autograd.Function):
+    """Any per-sample filters through the compiled kernels: a bucket per (sample, region), the multiply-adds of a
+    convolution (no tile padding), gradients as the fast implementation defines them."""
+
+    @staticmethod
+    def forward(ctx, x, guide, filters, stride, padding, dilation):
+        batch, regions, out_channels = filters.shape[:3]
+        kernel = tuple(filters.shape[-2:])
+        weights = [filters.reshape(batch * regions, out_channels, -1)]
+        out, routing = bucketed_forward(x, guide, None, weights, True, kernel, stride, padding, dilation,
+                                        keep=any(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(x, guide, filters)
+        ctx.routing, ctx.conv = routing, (kernel, stride, padding, dilation)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, guide, filters = ctx.saved_tensors
+        need_x, need_guide, need_filters = ctx.needs_input_grad[:3]
+        batch, regions, out_channels = filters.shape[:3]
+        weights = [filters.reshape(batch * regions, out_channels, -1)]
+        grad_x, _, grad_weights, _ = bucketed_backward(grad_out, x, None, weights, ctx.routing, *ctx.conv,
+                                                       need_x, False, need_filters)
+        grad_filters = grad_weights[0].view_as(filters) if need_filters else None
+        grad_guide = None
+        if need_guide:
+            geometry = _Geometry.of(x, guide, filters, *ctx.conv[1:])
+            scores = _region_scores(geometry, x, filters.contiguous(), grad_out.contiguous().flatten(2))
+            grad_guide = guide_gradient(guide, scores.view_as(guide))
+        return grad_x, grad_guide, grad_filters, None, None, None
+
+
+def factored_region_conv2d(x: torch.Tensor, guide: torch.Tensor, coeffs: torch.Tensor | None,
+                           weights: Sequence[torch.Tensor], kernel_size: tuple[int, int], stride=(1, 1),
+                           padding=(0, 0), dilation=(1, 1), bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Region convolution with factored filters, ``filter[b, t, :, :, tap] = sum_q coeffs[b, t, q, tap] * weights[q][t]``
+    (coeffs (B, m, Q, kh*kw), weights Q tensors (m, O, C)), or, with ``coeffs`` None, the batch-shared filters
+    ``weights[0]`` (m, O, C * kh * kw); ``bias`` (O,) is added. Differentiable in every tensor argument.
+
+    >>> import torch
+    >>> x, guide = torch.randn(2, 8, 10, 10), torch.randn(2, 4, 10, 10)
+    >>> coeffs, weights = torch.rand(2, 4, 2, 9), [torch.randn(4, 16, 8), torch.randn(4, 16, 8)]
+    >>> filters = torch.einsum("bjqt,qjoc->bjoct", coeffs, torch.stack(weights)).reshape(2, 4, 16, 8, 3, 3)
+    >>> from drbench.ops.functional import region_conv2d
+    >>> expected = region_conv2d(x, guide, filters, padding=1, impl="reference")
+    >>> not available() or torch.allclose(
+    ...     factored_region_conv2d(x, guide, coeffs, weights, (3, 3), padding=(1, 1)), expected, atol=1e-4)
+    True
+    """
+    return FactoredRegionConv2d.apply(x, guide, coeffs, bias, (tuple(kernel_size), tuple(stride), tuple(padding),
+                                                              tuple(dilation)), *weights)
+
+
+def factored_scores_are_cheaper(regions: int, terms: int, out_channels: int, channels: int, taps: int,
+                                positions: int) -> bool:
+    """Whether Eq. 7's region scores cost fewer multiply-adds from the factors than from materialised filters.
+
+    Per position, from the factors: every region's back-projection (m * Q * O * C) and its stencils
+    (m * Q * taps * C); from filters: every region's response (m * O * C * taps), plus making the filters
+    (m * Q * O * C * taps per sample, spread over its positions). k x k kernels favour the factors; 1x1 the filters.
+
+    >>> factored_scores_are_cheaper(8, 2, 64, 64, 9, 784), factored_scores_are_cheaper(8, 2, 116, 116, 1, 784)
+    (True, False)
+    """
+    from_factors = regions * terms * channels * (out_channels + taps)
+    from_filters = regions * out_channels * channels * taps * (1 + terms / positions)
+    return from_factors < from_filters
+
+
+class FactoredRegionConv2d(torch.autograd.Function):
+    """:func:`factored_region_conv2d`: a bucket per region holding every sample's positions, GEMMs on the shared
+    weights."""
+
+    @staticmethod
+    def forward(ctx, x, guide, coeffs, bias, conv, *weights):
+        keep = any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[5:])
+        out, routing = bucketed_forward(x, guide, coeffs, weights, False, *conv, bias=bias, keep=keep)
+        ctx.save_for_backward(x, guide, coeffs, *weights)
+        ctx.routing, ctx.conv, ctx.has_bias = routing, conv, bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, guide, coeffs, *weights = ctx.saved_tensors
+        need_x, need_guide, need_coeffs, need_bias = ctx.needs_input_grad[:4]
+        need_weights = any(ctx.needs_input_grad[5:])
+        grad_out = grad_out.contiguous()
+        grad_x, grad_coeffs, grad_weights, grad_rows = bucketed_backward(
+            grad_out, x, coeffs, weights, ctx.routing, *ctx.conv, need_x, need_coeffs, need_weights)
+        grad_guide = _factored_guide_gradient(grad_out, grad_rows, x, guide, coeffs, weights, ctx.routing,
+                                              ctx.conv) if need_guide else None
+        grad_bias = grad_out.sum(dim=(0, 2, 3)) if need_bias else None
+        return (grad_x, grad_guide, grad_coeffs, grad_bias, None,
+                *(grad_weights if need_weights else [None] * len(weights)))
+
+
+def _factored_guide_gradient(grad_out, grad_rows, x, guide, coeffs, weights, routing: Routing, conv):
+    kernel, stride, padding, dilation = conv
+    batch, regions = guide.shape[:2]
+    out_channels = weights[0].shape[1]
+    taps = kernel[0] * kernel[1]
+    positions = guide.shape[-2] * guide.shape[-1]
+    if coeffs is not None and factored_scores_are_cheaper(regions, len(weights), out_channels, x.shape[1], taps,
+                                                          positions):
+        stacked = torch.stack(weights, dim=1).permute(2, 0, 1, 3).reshape(out_channels, -1)  # (O, m * Q * C)
+        chunk_rows = max(1, _SCORE_CHUNK_ELEMENTS // stacked.shape[1])
+        scores = extension().stencil_region_scores(grad_rows, stacked, x, routing.order, coeffs,
+                                                   conv_args(*conv), *guide.shape[-2:], chunk_rows)
+    else:
+        if coeffs is None:
+            filters = weights[0].view(1, regions, out_channels, x.shape[1], *kernel).expand(batch, -1, -1, -1, -1,
+                                                                                             -1)
+        else:
+            filters = torch.einsum("bjqt,qjoc->bjoct", coeffs, torch.stack(weights)).reshape(
+                batch, regions, out_channels, x.shape[1], *kernel)
+        geometry = _Geometry.of(x, guide, filters, stride, padding, dilation)
+        scores = _region_scores(geometry, x, filters, grad_out.flatten(2)).view_as(guide)
+    return guide_gradient(guide, scores)
