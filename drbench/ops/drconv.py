@@ -21,10 +21,26 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from drbench.ops.functional import region_conv2d, region_conv_impls
+from drbench.ops import region_conv_cpu
+from drbench.ops.functional import default_region_conv_impl, region_conv2d, region_conv_impls
+from drbench.ops.region_conv_cpu import factored_region_conv2d
 from drbench.ops.registry import register_op
 
 GENERATORS = ("dynamic", "static", "mixture")
+STRUCTURED = "structured"
+"""The ``impl`` that computes the layer from its generator's factors (:func:`~drbench.ops.region_conv_cpu.
+factored_region_conv2d`): the ``dynamic`` and ``static`` generators, on CPU where the compiled kernels build."""
+
+
+def drconv_impls(device_type: str | None = None) -> list[str]:
+    """Every ``impl`` a :class:`DRConv2d` takes: the region_conv2d implementations, and "structured"; given a
+    ``device_type``, only those that run there.
+
+    >>> "reference" in drconv_impls() and "structured" in drconv_impls()
+    True
+    """
+    structured = device_type is None or (device_type == "cpu" and region_conv_cpu.available())
+    return region_conv_impls(device_type) + ([STRUCTURED] if structured else [])
 
 
 def _conv_init_std(fan_in: int) -> float:
@@ -77,6 +93,17 @@ class DynamicFilterGenerator(nn.Module):
         # backward copy)
         return filters.permute(1, 0, 3, 2).view(batch, *self.shape)
 
+    def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The filters as :func:`~drbench.ops.region_conv_cpu.factored_region_conv2d` takes them, never built:
+        ``filter[b, t, :, :, tap] = bias_t + sum_q s[b, t, q, tap] * W[t, q]`` gives coefficients
+        ``[s, 1]`` (B, m, hidden/m + 1, kh*kw) and weights ``[W[:, 0], ..., W[:, -1], bias]``, each (m, O, C)."""
+        regions, out_channels, in_channels = self.shape[:3]
+        per_region = self.weight.shape[1]
+        hidden = torch.sigmoid(self.hidden(self.pool(x))).view(x.shape[0], regions, per_region, -1)
+        coeffs = torch.cat([hidden, hidden.new_ones(hidden.shape[0], regions, 1, hidden.shape[-1])], dim=2)
+        weight = self.weight.view(regions, per_region, out_channels, in_channels)
+        return coeffs, [*weight.unbind(1), self.bias.view(regions, out_channels, in_channels)]
+
 
 class StaticFilterGenerator(nn.Module):
     """m learned filters shared by all samples: isolates the value of the regions from that of dynamic filters."""
@@ -89,6 +116,10 @@ class StaticFilterGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight.unsqueeze(0).expand(x.shape[0], *self.weight.shape)
+
+    def factors(self, x: torch.Tensor) -> tuple[None, list[torch.Tensor]]:
+        """No coefficients: each region's filter, (m, O, C * kh * kw), is shared by the batch."""
+        return None, [self.weight.flatten(2)]
 
 
 class MixtureFilterGenerator(nn.Module):
@@ -124,8 +155,11 @@ class DRConv2d(nn.Module):
             samples) or ``"mixture"`` (each region's filter mixes ``bases`` basis kernels, CondConv-style).
         hidden_channels: hidden width of the dynamic generator, a multiple of ``regions`` (default ``regions``).
         bases: basis kernels of the mixture generator (default 8).
-        impl: which :func:`~drbench.ops.functional.region_conv2d` implementation to run (default: the fastest for the
-            input's device, :func:`~drbench.ops.functional.default_region_conv_impl`).
+        impl: how to compute the layer (:func:`drconv_impls`): ``"structured"`` from the generator's factors, or
+            a :func:`~drbench.ops.functional.region_conv2d` implementation on the generated filters. Default: the
+            structured path where it runs (dynamic and static generators, CPU, compiled kernels built), else the
+            device's default region_conv2d implementation
+            (:func:`~drbench.ops.functional.default_region_conv_impl`).
 
     The guide convolution uses the same kernel, stride, padding and dilation as the layer, so the guided
     feature is at the output resolution; it has PyTorch's default conv init.
@@ -155,8 +189,11 @@ class DRConv2d(nn.Module):
             )
         if regions < 1:
             raise ValueError(f"DRConv2d: regions must be >= 1, got {regions}")
-        if impl is not None and impl not in region_conv_impls():
-            raise ValueError(f"DRConv2d: impl must be one of {region_conv_impls()}, got {impl!r}")
+        if impl is not None and impl not in drconv_impls():
+            raise ValueError(f"DRConv2d: impl must be one of {drconv_impls()}, got {impl!r}")
+        if impl == STRUCTURED and generator == "mixture":
+            raise ValueError("DRConv2d: impl='structured' needs the dynamic or static generator (the mixture "
+                             "generator's filters have no batch-shared factors)")
         kernel_size = _pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -180,11 +217,24 @@ class DRConv2d(nn.Module):
         """The region selected at each output position (B, H', W') in the last forward; None before any."""
         return None if self._last_guide is None else self._last_guide.argmax(dim=1)
 
+    def path(self, device_type: str) -> str:
+        """The ``impl`` that runs on tensors of ``device_type``: the one asked for, else structured where it runs,
+        else the device's default region_conv2d implementation."""
+        if self.impl is not None:
+            return self.impl
+        if self.generator_name != "mixture" and STRUCTURED in drconv_impls(device_type):
+            return STRUCTURED
+        return default_region_conv_impl(device_type)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         guide = self.guide(x)
-        filters = self.generator(x)
         self._last_guide = guide.detach()
-        out = region_conv2d(x, guide, filters, self.stride, self.padding, self.dilation, impl=self.impl)
+        impl = self.path(x.device.type)
+        if impl == STRUCTURED:
+            coeffs, weights = self.generator.factors(x)
+            return factored_region_conv2d(x, guide, coeffs, weights, self.kernel_size, self.stride, self.padding,
+                                          self.dilation, self.bias)
+        out = region_conv2d(x, guide, self.generator(x), self.stride, self.padding, self.dilation, impl=impl)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out

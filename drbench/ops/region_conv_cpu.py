@@ -42,15 +42,16 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from drbench.ops.functional import conv_output_size, guide_gradient, register_region_conv_impl
+from drbench.ops.functional import guide_gradient, register_region_conv_impl
 from drbench.ops.region_conv_fast import _Geometry, _region_scores
 
 _SOURCE = Path(__file__).with_name("csrc") / "region_conv_cpu.cpp"
 # Most feature elements gathered at once in a forward that keeps nothing for backward: about 4 MB in float32, in the
 # last-level cache when the GEMMs read them, and a small part of a layer's input and output (peak memory).
 _CHUNK_ELEMENTS = 1 << 20
-# Rows of grad_out turned into every region's (m * Q * C) back-projection at once by the factored guide scores.
-_SCORE_CHUNK_ELEMENTS = 1 << 21
+# Most elements of grad_out's back-projection onto every region's (m * Q * C) stencils held at once by the factored
+# guide scores.
+_SCORE_CHUNK_ELEMENTS = 1 << 20
 
 
 @functools.cache
@@ -98,12 +99,11 @@ def _chunk_samples(batch: int, per_sample_elements: int) -> int:
 
 
 class Routing(NamedTuple):
-    """What a forward keeps for backward: each position's region (B*P), positions in bucket order (N), each
-    position's row (B*P), the buckets' first rows (buckets + 1), and the feature rows (N, K)."""
+    """What a forward keeps for backward: each position's region (B*P), the positions in (region, sample) order
+    (N), the segments' first columns (m * B + 1) and the feature columns (K, N)."""
 
     mask: torch.Tensor
     order: torch.Tensor
-    inverse: torch.Tensor
     offsets: torch.Tensor
     features: torch.Tensor
 
@@ -111,56 +111,59 @@ class Routing(NamedTuple):
 def bucketed_forward(x, guide, coeffs, weights, per_sample: bool, kernel, stride, padding, dilation, bias=None,
                      keep: bool = False):
     """The layer's output (B, O, H', W') (plus ``bias`` per channel when given), and when ``keep`` the routing and
-    feature rows that :func:`bucketed_backward` needs; without ``keep`` samples are done a chunk at a time, so that
-    the rows never exceed a few MB.
+    features that :func:`bucketed_backward` needs; without ``keep`` samples are done a chunk at a time, so that the
+    features never exceed a few MB.
 
-    ``weights``: per-block (buckets, O, K_q) matrices, buckets = m, or B * m when ``per_sample``;
-    ``coeffs`` (B, m, Q, taps) or None (patches).
+    ``weights``: per-block (m, O, K_q) matrices, or (m, B, O, K_q) when ``per_sample``; ``coeffs`` (B, m, Q, taps)
+    or None (patches).
     """
     ext = extension()
-    batch, channels = x.shape[:2]
-    regions = guide.shape[1]
+    batch, regions = guide.shape[:2]
     out_h, out_w = guide.shape[-2:]
     conv = conv_args(kernel, stride, padding, dilation)
-    out = x.new_empty(batch, weights[0].shape[1], out_h, out_w)
-    row_width = sum(w.shape[2] for w in weights)
-    step = batch if keep else _chunk_samples(batch, out_h * out_w * row_width)
-    saved = None
+    out = x.new_empty(batch, weights[0].shape[-2], out_h, out_w)
+    feature_rows = sum(w.shape[-1] for w in weights)
+    step = batch if keep else _chunk_samples(batch, out_h * out_w * feature_rows)
+    routing = None
     for first in range(0, batch, step):
-        count = min(step, batch - first)
-        part = slice(first, first + count)
-        mask, order, inverse, offsets = ext.route(guide[part], per_sample)
-        part_coeffs = None if coeffs is None else coeffs[part]
-        features = ext.gather_features(x[part], order, mask, part_coeffs, conv, out_h, out_w)
-        part_weights = [w[first * regions:(first + count) * regions] for w in weights] if per_sample else weights
-        ext.scatter_rows(ext.bucket_matmul(features, offsets, part_weights), inverse, out[part], bias)
+        part = slice(first, first + step)
+        mask, order, offsets = ext.route(guide[part])
+        features = ext.gather_features(x[part], order, offsets, None if coeffs is None else coeffs[part], conv,
+                                       out_h, out_w)
+        part_weights = [w[:, part] for w in weights] if per_sample else weights
+        columns = ext.bucket_matmul(features, offsets, part_weights, regions, per_sample)
+        ext.scatter_columns(columns, order, offsets, out[part], bias)
         if keep:
-            saved = Routing(mask, order, inverse, offsets, features)
-    return out, saved
+            routing = Routing(mask, order, offsets, features)
+    return out, routing
 
 
-def bucketed_backward(grad_out, x, coeffs, weights, routing: Routing, kernel, stride, padding, dilation,
-                      need_x: bool, need_coeffs: bool, need_weights: bool):
-    """Gradients of x, the coefficients and the weights (each None unless asked for), through the buckets."""
+def bucketed_backward(grad_out, x, coeffs, weights, per_sample: bool, routing: Routing, kernel, stride, padding,
+                      dilation, need_x: bool, need_coeffs: bool, need_weights: bool):
+    """Gradients of x, the coefficients and the weights (each None unless asked for) through the segments, and
+    grad_out's columns."""
     ext = extension()
     conv = conv_args(kernel, stride, padding, dilation)
     out_h, out_w = grad_out.shape[-2:]
-    grad_rows = ext.gather_rows(grad_out, routing.inverse)
-    grads = ext.bucket_matmul_backward(grad_rows, routing.features, routing.offsets, weights,
-                                       need_x or need_coeffs, need_weights)
-    grad_features, grad_weights = grads[0], grads[1:]
+    regions = (len(routing.offsets) - 1) // x.shape[0]
+    grad_columns = ext.gather_columns(grad_out, routing.order, routing.offsets)
+    grad_features, *grad_weights = ext.bucket_matmul_backward(
+        grad_columns, routing.features, routing.offsets, weights, regions, per_sample, need_x or need_coeffs,
+        need_weights)
     grad_x = grad_coeffs = None
     if need_x:
-        grad_x = ext.features_backward_input(grad_features, x, routing.inverse, routing.mask, coeffs, conv, out_h,
+        grad_x = ext.features_backward_input(grad_features, x, routing.order, routing.offsets, coeffs, conv, out_h,
                                              out_w)
     if need_coeffs:
-        grad_coeffs = ext.features_backward_coeffs(grad_features, x, routing.inverse, routing.mask,
-                                                   coeffs.shape[1], coeffs.shape[2], conv, out_h, out_w)
-    return grad_x, grad_coeffs, (grad_weights if need_weights else None), grad_rows
+        grad_coeffs = ext.features_backward_coeffs(grad_features, x, routing.order, routing.offsets,
+                                                   coeffs.shape[2], conv, out_h, out_w)
+    return grad_x, grad_coeffs, (grad_weights if need_weights else None), grad_columns
 
 
-def _output_size(x, kernel, stride, padding, dilation) -> tuple[int, int]:
-    return conv_output_size(x.shape[-2:], kernel, stride, padding, dilation)
+def _per_segment(filters: torch.Tensor) -> torch.Tensor:
+    """Filters (B, m, O, C, kh, kw) as the per-sample GEMMs read them, (m, B, O, C * kh * kw): a view of filters
+    that a generator made region-major (the dynamic one does)."""
+    return filters.transpose(0, 1).flatten(3)
 
 
 @register_region_conv_impl("compiled", runs_on=_runs_on)
@@ -170,11 +173,9 @@ class RegionConv2dCompiled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, guide, filters, stride, padding, dilation):
-        batch, regions, out_channels = filters.shape[:3]
         kernel = tuple(filters.shape[-2:])
-        weights = [filters.reshape(batch * regions, out_channels, -1)]
-        out, routing = bucketed_forward(x, guide, None, weights, True, kernel, stride, padding, dilation,
-                                        keep=any(ctx.needs_input_grad[:3]))
+        out, routing = bucketed_forward(x, guide, None, [_per_segment(filters)], True, kernel, stride, padding,
+                                        dilation, keep=any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(x, guide, filters)
         ctx.routing, ctx.conv = routing, (kernel, stride, padding, dilation)
         return out
@@ -184,11 +185,9 @@ class RegionConv2dCompiled(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, guide, filters = ctx.saved_tensors
         need_x, need_guide, need_filters = ctx.needs_input_grad[:3]
-        batch, regions, out_channels = filters.shape[:3]
-        weights = [filters.reshape(batch * regions, out_channels, -1)]
-        grad_x, _, grad_weights, _ = bucketed_backward(grad_out, x, None, weights, ctx.routing, *ctx.conv,
-                                                       need_x, False, need_filters)
-        grad_filters = grad_weights[0].view_as(filters) if need_filters else None
+        grad_x, _, grad_weights, _ = bucketed_backward(grad_out, x, None, [_per_segment(filters)], True, ctx.routing,
+                                                       *ctx.conv, need_x, False, need_filters)
+        grad_filters = grad_weights[0].view(filters.transpose(0, 1).shape).transpose(0, 1) if need_filters else None
         grad_guide = None
         if need_guide:
             geometry = _Geometry.of(x, guide, filters, *ctx.conv[1:])
@@ -253,16 +252,16 @@ class FactoredRegionConv2d(torch.autograd.Function):
         need_x, need_guide, need_coeffs, need_bias = ctx.needs_input_grad[:4]
         need_weights = any(ctx.needs_input_grad[5:])
         grad_out = grad_out.contiguous()
-        grad_x, grad_coeffs, grad_weights, grad_rows = bucketed_backward(
-            grad_out, x, coeffs, weights, ctx.routing, *ctx.conv, need_x, need_coeffs, need_weights)
-        grad_guide = _factored_guide_gradient(grad_out, grad_rows, x, guide, coeffs, weights, ctx.routing,
+        grad_x, grad_coeffs, grad_weights, grad_columns = bucketed_backward(
+            grad_out, x, coeffs, weights, False, ctx.routing, *ctx.conv, need_x, need_coeffs, need_weights)
+        grad_guide = _factored_guide_gradient(grad_out, grad_columns, x, guide, coeffs, weights, ctx.routing,
                                               ctx.conv) if need_guide else None
         grad_bias = grad_out.sum(dim=(0, 2, 3)) if need_bias else None
         return (grad_x, grad_guide, grad_coeffs, grad_bias, None,
                 *(grad_weights if need_weights else [None] * len(weights)))
 
 
-def _factored_guide_gradient(grad_out, grad_rows, x, guide, coeffs, weights, routing: Routing, conv):
+def _factored_guide_gradient(grad_out, grad_columns, x, guide, coeffs, weights, routing: Routing, conv):
     kernel, stride, padding, dilation = conv
     batch, regions = guide.shape[:2]
     out_channels = weights[0].shape[1]
@@ -270,10 +269,10 @@ def _factored_guide_gradient(grad_out, grad_rows, x, guide, coeffs, weights, rou
     positions = guide.shape[-2] * guide.shape[-1]
     if coeffs is not None and factored_scores_are_cheaper(regions, len(weights), out_channels, x.shape[1], taps,
                                                           positions):
-        stacked = torch.stack(weights, dim=1).permute(2, 0, 1, 3).reshape(out_channels, -1)  # (O, m * Q * C)
-        chunk_rows = max(1, _SCORE_CHUNK_ELEMENTS // stacked.shape[1])
-        scores = extension().stencil_region_scores(grad_rows, stacked, x, routing.order, coeffs,
-                                                   conv_args(*conv), *guide.shape[-2:], chunk_rows)
+        stacked = torch.stack(weights, dim=1).transpose(2, 3).reshape(-1, out_channels)  # (m * Q * C, O)
+        chunk_columns = max(1, _SCORE_CHUNK_ELEMENTS // stacked.shape[0])
+        scores = extension().stencil_region_scores(grad_columns, stacked, x, routing.order, routing.offsets, coeffs,
+                                                   conv_args(*conv), *guide.shape[-2:], chunk_columns)
     else:
         if coeffs is None:
             filters = weights[0].view(1, regions, out_channels, x.shape[1], *kernel).expand(batch, -1, -1, -1, -1,

@@ -1,12 +1,15 @@
 // CPU kernels of drbench's compiled region convolution (drbench/ops/region_conv_cpu.py holds the maths and the
-// autograd wiring; this file only moves memory and calls ATen's GEMMs).
+// autograd wiring; this file moves memory and calls ATen's GEMMs).
 //
-// Output positions are routed to buckets (a region, or a (sample, region) pair) by a counting sort; each bucket's
-// rows of features are gathered straight from the input, multiplied by its weights in one GEMM per weight term,
-// and scattered back. Features of a row ("phi", K values) are either
-//   - patches (im2col, filter order [c][tap]) when no coefficients are given, or
-//   - coefficient stencils: block q holds sum_tap coeffs[b, t, q, tap] * x[b, :, tap], block-major ([q][c]).
-// Every loop that writes memory owns what it writes (rows, samples), so results do not depend on the thread count.
+// Output positions are ordered by (region, sample): a *segment* is one sample's positions in one region, and a
+// region's segments are consecutive, so a region is one range of columns too. Everything is kept column-major in
+// positions, as NCHW tensors are: a feature matrix is (K, N) with one column per position, so gathering and
+// scattering read and write rows of the input and output (a few KB each, in L1) and the GEMMs need no transpose.
+// A column's features (K values) are either
+//   - its patch (im2col, filter order [c][tap]) when no coefficients are given, or
+//   - coefficient stencils: row q * C + c holds sum_tap coeffs[b, t, q, tap] * x[b, c, tap].
+// Every parallel loop owns what it writes (segments, or (sample, channel) pairs for the input's gradient), so
+// results do not depend on the thread count.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -23,42 +26,84 @@ struct Geometry {
 
   int64_t taps() const { return kh * kw; }
   int64_t positions() const { return out_h * out_w; }
+  int64_t pixels() const { return height * width; }
 };
 
-Geometry make_geometry(const at::Tensor& x, std::vector<int64_t> conv, int64_t out_h, int64_t out_w) {
+Geometry make_geometry(const at::Tensor& x, const std::vector<int64_t>& conv, int64_t out_h, int64_t out_w) {
   TORCH_CHECK(conv.size() == 8, "conv args: kh, kw, sh, sw, ph, pw, dh, dw");
   return {x.size(0), x.size(1), x.size(2), x.size(3), conv[0], conv[1], conv[2], conv[3],
           conv[4], conv[5], conv[6], conv[7], out_h, out_w};
 }
 
-// The input in channels-last order, (B, H, W, C) contiguous: a feature row reads contiguous channel vectors.
-at::Tensor channels_last(const at::Tensor& x) { return x.permute({0, 2, 3, 1}).contiguous(); }
-
-// Calls fn(tap, h, w) for each kernel tap of output position p whose input pixel lies inside the image.
-template <typename F>
-inline void for_each_tap(const Geometry& g, int64_t p, F fn) {
+// Where each tap of output position p reads in its input channel (h * W + w), -1 outside the image.
+inline void tap_sources(const Geometry& g, int64_t p, int32_t* sources) {
   const int64_t ho = p / g.out_w, wo = p % g.out_w;
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t h = ho * g.sh - g.ph + i * g.dh;
-    if (h < 0 || h >= g.height) continue;
     for (int64_t j = 0; j < g.kw; ++j) {
       const int64_t w = wo * g.sw - g.pw + j * g.dw;
-      if (w < 0 || w >= g.width) continue;
-      fn(i * g.kw + j, h, w);
+      const bool inside = h >= 0 && h < g.height && w >= 0 && w < g.width;
+      sources[i * g.kw + j] = inside ? static_cast<int32_t>(h * g.width + w) : -1;
     }
+  }
+}
+
+// The tap sources of every column: (N, taps) int32.
+at::Tensor column_sources(const Geometry& g, const at::Tensor& order) {
+  const int64_t columns = order.size(0), T = g.taps(), P = g.positions();
+  at::Tensor sources = at::empty({columns, T}, order.options().dtype(at::kInt));
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  int32_t* out = sources.data_ptr<int32_t>();
+  at::parallel_for(0, columns, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) tap_sources(g, order_p[n] % P, out + n * T);
+  });
+  return sources;
+}
+
+// Runs fn(segment) for every segment, in parallel; a segment owns its columns.
+template <typename F>
+void for_each_segment(int64_t segments, F fn) {
+  at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) fn(s);
+  });
+}
+
+at::Tensor optional_contiguous(const c10::optional<at::Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined() ? tensor->contiguous() : at::Tensor();
+}
+
+// taps[tap * count + i] = channel at tap `tap` of column first + i (0 outside the image): a segment's inputs for one
+// channel, laid out so that loops over the columns run over contiguous memory.
+template <typename scalar_t>
+inline void gather_taps(const scalar_t* channel, const int32_t* sources, int64_t first, int64_t count, int64_t T,
+                        scalar_t* taps) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int32_t* from = sources + (first + i) * T;
+    for (int64_t tap = 0; tap < T; ++tap) taps[tap * count + i] = from[tap] >= 0 ? channel[from[tap]] : scalar_t(0);
+  }
+}
+
+// out[i] = sum_tap coef[tap] * taps[tap * count + i]: one stencil row of a segment.
+template <typename scalar_t>
+inline void stencil_row(const scalar_t* coef, const scalar_t* taps, int64_t count, int64_t T, scalar_t* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = coef[0] * taps[i];
+  for (int64_t tap = 1; tap < T; ++tap) {
+    const scalar_t weight = coef[tap];
+    const scalar_t* row = taps + tap * count;
+    for (int64_t i = 0; i < count; ++i) out[i] += weight * row[i];
   }
 }
 
 }  // namespace
 
 // Region of each position (argmax over dim 1, ties to the lowest index, NaN wins like torch.argmax) and the
-// positions ordered by bucket (stable: by sample, then position). Returns (mask (B*P), order (N), inverse (B*P),
-// offsets (buckets + 1)); a bucket is the region, or sample * m + region when per_sample.
-std::vector<at::Tensor> route(const at::Tensor& guide_in, bool per_sample) {
+// positions ordered by (region, sample, position). Returns (mask (B*P), order (N), offsets (m * B + 1)): segment
+// t * B + b holds columns [offsets[s], offsets[s + 1]).
+std::vector<at::Tensor> route(const at::Tensor& guide_in) {
   TORCH_CHECK(guide_in.dim() == 4, "guide must be (B, m, H', W')");
   const at::Tensor guide = guide_in.contiguous();
   const int64_t batch = guide.size(0), regions = guide.size(1), positions = guide.size(2) * guide.size(3);
-  const int64_t total = batch * positions, buckets = per_sample ? batch * regions : regions;
+  const int64_t total = batch * positions, segments = regions * batch;
   auto long_options = guide.options().dtype(at::kLong);
   at::Tensor mask = at::empty({total}, long_options);
   int64_t* mask_p = mask.data_ptr<int64_t>();
@@ -66,8 +111,7 @@ std::vector<at::Tensor> route(const at::Tensor& guide_in, bool per_sample) {
     const scalar_t* g = guide.data_ptr<scalar_t>();
     at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        const int64_t b = n / positions, p = n % positions;
-        const scalar_t* v = g + b * regions * positions + p;
+        const scalar_t* v = g + (n / positions) * regions * positions + n % positions;
         int64_t best = 0;
         scalar_t best_value = v[0];
         for (int64_t t = 1; t < regions && !std::isnan(best_value); ++t) {
@@ -81,278 +125,265 @@ std::vector<at::Tensor> route(const at::Tensor& guide_in, bool per_sample) {
       }
     });
   });
-  at::Tensor offsets = at::zeros({buckets + 1}, long_options);
+  at::Tensor offsets = at::zeros({segments + 1}, long_options);
   int64_t* off = offsets.data_ptr<int64_t>();
-  auto bucket_of = [&](int64_t n) { return per_sample ? (n / positions) * regions + mask_p[n] : mask_p[n]; };
-  for (int64_t n = 0; n < total; ++n) off[bucket_of(n) + 1]++;
-  for (int64_t k = 0; k < buckets; ++k) off[k + 1] += off[k];
-  at::Tensor order = at::empty({total}, long_options), inverse = at::empty({total}, long_options);
+  auto segment_of = [&](int64_t n) { return mask_p[n] * batch + n / positions; };
+  for (int64_t n = 0; n < total; ++n) off[segment_of(n) + 1]++;
+  for (int64_t s = 0; s < segments; ++s) off[s + 1] += off[s];
+  at::Tensor order = at::empty({total}, long_options);
   int64_t* order_p = order.data_ptr<int64_t>();
-  int64_t* inverse_p = inverse.data_ptr<int64_t>();
-  std::vector<int64_t> next(off, off + buckets);
-  for (int64_t n = 0; n < total; ++n) {
-    const int64_t row = next[bucket_of(n)]++;
-    order_p[row] = n;
-    inverse_p[n] = row;
-  }
-  return {mask, order, inverse, offsets};
+  std::vector<int64_t> next(off, off + segments);
+  for (int64_t n = 0; n < total; ++n) order_p[next[segment_of(n)]++] = n;
+  return {mask, order, offsets};
 }
 
-// Feature rows in bucket order: (N, C * taps) patches, or (N, Q * C) coefficient stencils when coeffs
-// (B, m, Q, taps) is defined.
-at::Tensor gather_features(const at::Tensor& x, const at::Tensor& order, const at::Tensor& mask,
-                           const c10::optional<at::Tensor>& coeffs_in, std::vector<int64_t> conv, int64_t out_h,
-                           int64_t out_w) {
+// Feature columns (K, N): patches (K = C * taps) or, with coeffs (B, m, Q, taps), stencils (K = Q * C).
+at::Tensor gather_features(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& offsets,
+                           const c10::optional<at::Tensor>& coeffs_in, const std::vector<int64_t>& conv,
+                           int64_t out_h, int64_t out_w) {
+  const at::Tensor x = x_in.contiguous();
   const Geometry g = make_geometry(x, conv, out_h, out_w);
-  const at::Tensor xc = channels_last(x);
-  const int64_t rows = order.size(0), C = g.channels, T = g.taps(), P = g.positions();
-  const bool stencil = coeffs_in.has_value() && coeffs_in->defined();
-  const at::Tensor coeffs = stencil ? coeffs_in->contiguous() : at::Tensor();
-  const int64_t Q = stencil ? coeffs.size(2) : 0, regions = stencil ? coeffs.size(1) : 0;
-  const int64_t K = stencil ? Q * C : C * T;
-  at::Tensor phi = at::empty({rows, K}, x.options());
-  const int64_t* order_p = order.data_ptr<int64_t>();
-  const int64_t* mask_p = mask.data_ptr<int64_t>();
+  const at::Tensor coeffs = optional_contiguous(coeffs_in);
+  const bool stencil = coeffs.defined();
+  const int64_t N = order.size(0), C = g.channels, T = g.taps(), HW = g.pixels();
+  const int64_t Q = stencil ? coeffs.size(2) : 0, K = stencil ? Q * C : C * T;
+  const int64_t batch = g.batch, segments = offsets.size(0) - 1;
+  const at::Tensor sources = column_sources(g, order);
+  at::Tensor features = at::empty({K, N}, x.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int32_t* src = sources.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gather_features", [&] {
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    scalar_t* out = phi.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* out = features.data_ptr<scalar_t>();
     const scalar_t* a = stencil ? coeffs.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const int64_t pos = order_p[n], b = pos / P, p = pos % P;
-        scalar_t* row = out + n * K;
-        std::fill(row, row + K, scalar_t(0));
-        const scalar_t* sample = xp + b * g.height * g.width * C;
+    for_each_segment(segments, [&](int64_t s) {
+      const int64_t first = off[s], count = off[s + 1] - off[s], b = s % batch, t = s / batch;
+      std::vector<scalar_t> taps(T * count);
+      for (int64_t c = 0; c < C; ++c) {
+        gather_taps(xp + (b * C + c) * HW, src, first, count, T, taps.data());
         if (stencil) {
-          const scalar_t* coef = a + (b * regions + mask_p[pos]) * Q * T;
-          for_each_tap(g, p, [&](int64_t tap, int64_t h, int64_t w) {
-            const scalar_t* pixel = sample + (h * g.width + w) * C;
-            for (int64_t q = 0; q < Q; ++q) {
-              const scalar_t s = coef[q * T + tap];
-              scalar_t* block = row + q * C;
-_Pragma("omp simd")
-              for (int64_t c = 0; c < C; ++c) block[c] += s * pixel[c];
-            }
-          });
+          const scalar_t* coef = a + (b * coeffs.size(1) + t) * Q * T;
+          for (int64_t q = 0; q < Q; ++q) stencil_row(coef + q * T, taps.data(), count, T, out + (q * C + c) * N + first);
         } else {
-          for_each_tap(g, p, [&](int64_t tap, int64_t h, int64_t w) {
-            const scalar_t* pixel = sample + (h * g.width + w) * C;
-            for (int64_t c = 0; c < C; ++c) row[c * T + tap] = pixel[c];
-          });
+          for (int64_t tap = 0; tap < T; ++tap) {
+            std::copy(taps.data() + tap * count, taps.data() + (tap + 1) * count, out + (c * T + tap) * N + first);
+          }
         }
       }
     });
   });
-  return phi;
+  return features;
 }
 
-// rows (N, O) in bucket order = sum_i features[:, block i] @ weights[i][bucket]^T, for each bucket's rows.
-// weights[i] is (buckets, O, K_i); the blocks are consecutive columns of features. Buckets run one after the
-// other with threaded GEMMs when they are few and large (regions), side by side with one thread each when they
-// are many (sample-region pairs).
-at::Tensor bucket_matmul(const at::Tensor& features, const at::Tensor& offsets, const std::vector<at::Tensor>& weights) {
-  const int64_t buckets = offsets.size(0) - 1, out_channels = weights[0].size(1);
-  at::Tensor rows = at::empty({features.size(0), out_channels}, features.options());
+namespace {
+
+// Calls fn(weight selector, column first, column count) for each GEMM: one per region over its segments, or one
+// per segment when per_sample. A weight tensor is (m, O, K), or (m, B, O, K) when per_sample; the selector picks
+// the matrix of the GEMM. Regions run one after the other with threaded GEMMs; segments side by side, one thread
+// each.
+template <typename F>
+void for_each_gemm(const at::Tensor& offsets, int64_t regions, bool per_sample, F fn) {
+  const int64_t segments = offsets.size(0) - 1, batch = segments / regions;
   const int64_t* off = offsets.data_ptr<int64_t>();
-  auto one_bucket = [&](int64_t k) {
-    at::NoGradGuard no_grad;  // in every thread: the GEMMs write into given outputs, autograd is the caller's
-    const int64_t first = off[k], count = off[k + 1] - off[k];
-    if (count == 0) return;
-    at::Tensor out = rows.narrow(0, first, count);
-    int64_t column = 0;
-    for (size_t i = 0; i < weights.size(); ++i) {
-      const int64_t width = weights[i].size(2);
-      at::Tensor block = features.narrow(0, first, count).narrow(1, column, width);
-      if (i == 0) {
-        at::mm_out(out, block, weights[i][k].t());
-      } else {
-        out.addmm_(block, weights[i][k].t());
-      }
-      column += width;
-    }
-  };
-  if (buckets >= 4 * at::get_num_threads()) {
-    at::parallel_for(0, buckets, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) one_bucket(k);
+  if (per_sample) {
+    for_each_segment(segments, [&](int64_t s) {
+      at::NoGradGuard no_grad;  // in every thread: the GEMMs write into given outputs
+      auto select = [&](const at::Tensor& w) { return w[s / batch][s % batch]; };
+      if (off[s + 1] > off[s]) fn(select, off[s], off[s + 1] - off[s]);
     });
-  } else {
-    for (int64_t k = 0; k < buckets; ++k) one_bucket(k);
+    return;
   }
-  return rows;
+  at::NoGradGuard no_grad;
+  for (int64_t t = 0; t < regions; ++t) {
+    auto select = [&](const at::Tensor& w) { return w[t]; };
+    const int64_t first = off[t * batch], last = off[(t + 1) * batch];
+    if (last > first) fn(select, first, last - first);
+  }
 }
 
-// The adjoint of bucket_matmul: (grad of features, grads of weights); each is computed when asked.
-std::vector<at::Tensor> bucket_matmul_backward(const at::Tensor& grad_rows, const at::Tensor& features,
+}  // namespace
+
+// out (O, N) = sum_i weights[i][selected] (O, K_i) @ features[block i, columns], per GEMM of for_each_gemm. The
+// blocks are consecutive feature rows.
+at::Tensor bucket_matmul(const at::Tensor& features, const at::Tensor& offsets, const std::vector<at::Tensor>& weights,
+                         int64_t regions, bool per_sample) {
+  at::Tensor out = at::empty({weights[0].size(-2), features.size(1)}, features.options());
+  for_each_gemm(offsets, regions, per_sample, [&](auto select, int64_t first, int64_t count) {
+    at::Tensor into = out.narrow(1, first, count);
+    int64_t row = 0;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const at::Tensor weight = select(weights[i]);
+      const int64_t width = weight.size(1);
+      const at::Tensor block = features.narrow(0, row, width).narrow(1, first, count);
+      if (i == 0) {
+        at::mm_out(into, weight, block);
+      } else {
+        into.addmm_(weight, block);
+      }
+      row += width;
+    }
+  });
+  return out;
+}
+
+// The adjoint of bucket_matmul: (grad of features, grads of weights...); each is computed when asked.
+std::vector<at::Tensor> bucket_matmul_backward(const at::Tensor& grad, const at::Tensor& features,
                                                const at::Tensor& offsets, const std::vector<at::Tensor>& weights,
-                                               bool need_features, bool need_weights) {
-  const int64_t buckets = offsets.size(0) - 1;
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  at::Tensor grad_features = need_features ? at::empty_like(features) : at::Tensor();
+                                               int64_t regions, bool per_sample, bool need_features,
+                                               bool need_weights) {
+  at::Tensor grad_features = need_features ? at::zeros_like(features) : at::Tensor();
   std::vector<at::Tensor> grad_weights;
   for (const auto& w : weights) grad_weights.push_back(need_weights ? at::zeros(w.sizes(), w.options()) : at::Tensor());
-  auto one_bucket = [&](int64_t k) {
-    at::NoGradGuard no_grad;  // in every thread: the GEMMs write into given outputs, autograd is the caller's
-    const int64_t first = off[k], count = off[k + 1] - off[k];
-    if (count == 0) return;  // an empty bucket's weights keep a zero gradient
-    at::Tensor grad = grad_rows.narrow(0, first, count);
-    int64_t column = 0;
+  for_each_gemm(offsets, regions, per_sample, [&](auto select, int64_t first, int64_t count) {
+    const at::Tensor columns = grad.narrow(1, first, count);
+    int64_t row = 0;
     for (size_t i = 0; i < weights.size(); ++i) {
-      const int64_t width = weights[i].size(2);
+      const at::Tensor weight = select(weights[i]);
+      const int64_t width = weight.size(1);
       if (need_features) {
-        at::Tensor into = grad_features.narrow(0, first, count).narrow(1, column, width);
-        at::mm_out(into, grad, weights[i][k]);
+        at::Tensor into = grad_features.narrow(0, row, width).narrow(1, first, count);
+        at::mm_out(into, weight.t(), columns);
       }
       if (need_weights) {
-        at::Tensor into = grad_weights[i][k];
-        at::mm_out(into, grad.t(), features.narrow(0, first, count).narrow(1, column, width));
+        at::Tensor into = select(grad_weights[i]);
+        at::mm_out(into, columns, features.narrow(0, row, width).narrow(1, first, count).t());
       }
-      column += width;
+      row += width;
     }
-  };
-  if (buckets >= 4 * at::get_num_threads()) {
-    at::parallel_for(0, buckets, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) one_bucket(k);
-    });
-  } else {
-    for (int64_t k = 0; k < buckets; ++k) one_bucket(k);
-  }
+  });
   std::vector<at::Tensor> result{grad_features};
   result.insert(result.end(), grad_weights.begin(), grad_weights.end());
   return result;
 }
 
-// Rows (N, O) in bucket order to (B, O, H', W') in position order, plus a per-channel bias when defined; and the
-// reverse for gradients. Both go through blocks of positions so that reads and writes stay in cache.
-constexpr int64_t kBlock = 16;
-
-// out: (B, O, H', W') contiguous, written whole.
-void scatter_rows(const at::Tensor& rows, const at::Tensor& inverse, at::Tensor& out,
-                  const c10::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(out.is_contiguous(), "scatter_rows: out must be contiguous");
-  const int64_t batch = out.size(0), O = rows.size(1), P = out.size(2) * out.size(3);
-  const int64_t blocks = (P + kBlock - 1) / kBlock;
-  const bool has_bias = bias_in.has_value() && bias_in->defined();
-  const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
-  const int64_t* inv = inverse.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "scatter_rows", [&] {
-    const scalar_t* src = rows.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    const scalar_t* bp = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-      const scalar_t* from[kBlock];
-      for (int64_t job = begin; job < end; ++job) {
-        const int64_t b = job / blocks, p0 = (job % blocks) * kBlock, count = std::min(kBlock, P - p0);
-        for (int64_t i = 0; i < count; ++i) from[i] = src + inv[b * P + p0 + i] * O;
-        scalar_t* base = dst + b * O * P + p0;
-        for (int64_t o = 0; o < O; ++o) {
-          const scalar_t add = has_bias ? bp[o] : scalar_t(0);
-          for (int64_t i = 0; i < count; ++i) base[o * P + i] = from[i][o] + add;
-        }
+// Columns (O, N) into out (B, O, H', W') (contiguous, written whole), plus a per-channel bias when defined.
+void scatter_columns(const at::Tensor& columns, const at::Tensor& order, const at::Tensor& offsets, at::Tensor& out,
+                     const c10::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(out.is_contiguous(), "scatter_columns: out must be contiguous");
+  const at::Tensor bias = optional_contiguous(bias_in);
+  const int64_t batch = out.size(0), O = out.size(1), P = out.size(2) * out.size(3), N = columns.size(1);
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(columns.scalar_type(), "scatter_columns", [&] {
+    const scalar_t* from = columns.data_ptr<scalar_t>();
+    scalar_t* to = out.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    for_each_segment(offsets.size(0) - 1, [&](int64_t s) {
+      const int64_t b = s % batch;
+      for (int64_t o = 0; o < O; ++o) {
+        const scalar_t add = bp ? bp[o] : scalar_t(0);
+        const scalar_t* row = from + o * N;
+        scalar_t* channel = to + (b * O + o) * P;
+        for (int64_t n = off[s]; n < off[s + 1]; ++n) channel[order_p[n] % P] = row[n] + add;
       }
     });
   });
 }
 
-at::Tensor gather_rows(const at::Tensor& grad_in, const at::Tensor& inverse) {
+// The reverse, for gradients: (B, O, H', W') -> columns (O, N).
+at::Tensor gather_columns(const at::Tensor& grad_in, const at::Tensor& order, const at::Tensor& offsets) {
   const at::Tensor grad = grad_in.contiguous();
-  const int64_t batch = grad.size(0), O = grad.size(1), P = grad.size(2) * grad.size(3);
-  const int64_t blocks = (P + kBlock - 1) / kBlock;
-  at::Tensor rows = at::empty({batch * P, O}, grad.options());
-  const int64_t* inv = inverse.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "gather_rows", [&] {
-    const scalar_t* src = grad.data_ptr<scalar_t>();
-    scalar_t* dst = rows.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-      scalar_t* to[kBlock];
-      for (int64_t job = begin; job < end; ++job) {
-        const int64_t b = job / blocks, p0 = (job % blocks) * kBlock, count = std::min(kBlock, P - p0);
-        for (int64_t i = 0; i < count; ++i) to[i] = dst + inv[b * P + p0 + i] * O;
-        const scalar_t* base = src + b * O * P + p0;
-        for (int64_t o = 0; o < O; ++o) {
-          for (int64_t i = 0; i < count; ++i) to[i][o] = base[o * P + i];
-        }
+  const int64_t batch = grad.size(0), O = grad.size(1), P = grad.size(2) * grad.size(3), N = order.size(0);
+  at::Tensor columns = at::empty({O, N}, grad.options());
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "gather_columns", [&] {
+    const scalar_t* from = grad.data_ptr<scalar_t>();
+    scalar_t* to = columns.data_ptr<scalar_t>();
+    for_each_segment(offsets.size(0) - 1, [&](int64_t s) {
+      const int64_t b = s % batch;
+      for (int64_t o = 0; o < O; ++o) {
+        const scalar_t* channel = from + (b * O + o) * P;
+        scalar_t* row = to + o * N;
+        for (int64_t n = off[s]; n < off[s + 1]; ++n) row[n] = channel[order_p[n] % P];
       }
     });
   });
-  return rows;
+  return columns;
 }
 
-// The adjoint of gather_features with respect to x: each sample's gradient is summed by one thread (its rows'
-// taps overlap), so the result does not depend on the thread count. Returned in x's memory format.
-at::Tensor features_backward_input(const at::Tensor& grad_features, const at::Tensor& x, const at::Tensor& inverse,
-                                   const at::Tensor& mask, const c10::optional<at::Tensor>& coeffs_in,
-                                   std::vector<int64_t> conv, int64_t out_h, int64_t out_w) {
+// The adjoint of gather_features with respect to x, NCHW. A (sample, channel) pair owns its output row, so taps
+// that overlap never race and the sums do not depend on the thread count.
+at::Tensor features_backward_input(const at::Tensor& grad_features, const at::Tensor& x, const at::Tensor& order,
+                                   const at::Tensor& offsets, const c10::optional<at::Tensor>& coeffs_in,
+                                   const std::vector<int64_t>& conv, int64_t out_h, int64_t out_w) {
   const Geometry g = make_geometry(x, conv, out_h, out_w);
-  const int64_t C = g.channels, T = g.taps(), P = g.positions(), K = grad_features.size(1);
-  const bool stencil = coeffs_in.has_value() && coeffs_in->defined();
-  const at::Tensor coeffs = stencil ? coeffs_in->contiguous() : at::Tensor();
-  const int64_t Q = stencil ? coeffs.size(2) : 0, regions = stencil ? coeffs.size(1) : 0;
-  at::Tensor grad_cl = at::zeros({g.batch, g.height, g.width, C}, x.options());
-  const int64_t* inv = inverse.data_ptr<int64_t>();
-  const int64_t* mask_p = mask.data_ptr<int64_t>();
+  const at::Tensor coeffs = optional_contiguous(coeffs_in);
+  const bool stencil = coeffs.defined();
+  const int64_t C = g.channels, T = g.taps(), HW = g.pixels(), N = order.size(0), batch = g.batch;
+  const int64_t Q = stencil ? coeffs.size(2) : 0, regions = (offsets.size(0) - 1) / batch;
+  const at::Tensor sources = column_sources(g, order);
+  at::Tensor grad = at::zeros({batch, C, g.height, g.width}, x.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int32_t* src = sources.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "features_backward_input", [&] {
     const scalar_t* gf = grad_features.data_ptr<scalar_t>();
-    scalar_t* out = grad_cl.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
     const scalar_t* a = stencil ? coeffs.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        scalar_t* sample = out + b * g.height * g.width * C;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t pos = b * P + p;
-          const scalar_t* row = gf + inv[pos] * K;
-          const scalar_t* coef = stencil ? a + (b * regions + mask_p[pos]) * Q * T : nullptr;
-          for_each_tap(g, p, [&](int64_t tap, int64_t h, int64_t w) {
-            scalar_t* pixel = sample + (h * g.width + w) * C;
-            if (stencil) {
-              for (int64_t q = 0; q < Q; ++q) {
-                const scalar_t s = coef[q * T + tap];
-                const scalar_t* block = row + q * C;
-_Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) pixel[c] += s * block[c];
+    at::parallel_for(0, batch * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t b = job / C, c = job % C;
+        scalar_t* channel = out + job * HW;
+        for (int64_t t = 0; t < regions; ++t) {
+          const int64_t s = t * batch + b;
+          if (stencil) {
+            const scalar_t* coef = a + (b * regions + t) * Q * T;
+            for (int64_t q = 0; q < Q; ++q) {
+              const scalar_t* row = gf + (q * C + c) * N;
+              for (int64_t n = off[s]; n < off[s + 1]; ++n) {
+                const int32_t* to = src + n * T;
+                for (int64_t tap = 0; tap < T; ++tap) {
+                  if (to[tap] >= 0) channel[to[tap]] += coef[q * T + tap] * row[n];
+                }
               }
-            } else {
-              for (int64_t c = 0; c < C; ++c) pixel[c] += row[c * T + tap];
             }
-          });
+          } else {
+            for (int64_t tap = 0; tap < T; ++tap) {
+              const scalar_t* row = gf + (c * T + tap) * N;
+              for (int64_t n = off[s]; n < off[s + 1]; ++n) {
+                const int32_t to = src[n * T + tap];
+                if (to >= 0) channel[to] += row[n];
+              }
+            }
+          }
         }
       }
     });
   });
-  return grad_cl.permute({0, 3, 1, 2}).contiguous(x.suggest_memory_format());
+  return grad.contiguous(x.suggest_memory_format());
 }
 
-// The gradient of the stencil coefficients (B, m, Q, taps): sum over a sample's positions in region t of
-// <grad of block q, x at the tap>. One thread per sample.
-at::Tensor features_backward_coeffs(const at::Tensor& grad_features, const at::Tensor& x, const at::Tensor& inverse,
-                                    const at::Tensor& mask, int64_t regions, int64_t Q, std::vector<int64_t> conv,
+// The gradient of the stencil coefficients (B, m, Q, taps): over a segment's columns, sum_c of the feature
+// gradient of row (q, c) times x at the tap. A segment owns its (b, t) coefficients.
+at::Tensor features_backward_coeffs(const at::Tensor& grad_features, const at::Tensor& x_in, const at::Tensor& order,
+                                    const at::Tensor& offsets, int64_t Q, const std::vector<int64_t>& conv,
                                     int64_t out_h, int64_t out_w) {
+  const at::Tensor x = x_in.contiguous();
   const Geometry g = make_geometry(x, conv, out_h, out_w);
-  const at::Tensor xc = channels_last(x);
-  const int64_t C = g.channels, T = g.taps(), P = g.positions(), K = grad_features.size(1);
-  at::Tensor grad = at::zeros({g.batch, regions, Q, T}, x.options());
-  const int64_t* inv = inverse.data_ptr<int64_t>();
-  const int64_t* mask_p = mask.data_ptr<int64_t>();
+  const int64_t C = g.channels, T = g.taps(), HW = g.pixels(), N = order.size(0), batch = g.batch;
+  const int64_t regions = (offsets.size(0) - 1) / batch;
+  const at::Tensor sources = column_sources(g, order);
+  at::Tensor grad = at::zeros({batch, regions, Q, T}, x.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int32_t* src = sources.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "features_backward_coeffs", [&] {
     const scalar_t* gf = grad_features.data_ptr<scalar_t>();
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* sample = xp + b * g.height * g.width * C;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t pos = b * P + p;
-          const scalar_t* row = gf + inv[pos] * K;
-          scalar_t* coef = out + (b * regions + mask_p[pos]) * Q * T;
-          for_each_tap(g, p, [&](int64_t tap, int64_t h, int64_t w) {
-            const scalar_t* pixel = sample + (h * g.width + w) * C;
-            for (int64_t q = 0; q < Q; ++q) {
-              const scalar_t* block = row + q * C;
-              scalar_t sum = 0;
-_Pragma("omp simd reduction(+ : sum)")
-              for (int64_t c = 0; c < C; ++c) sum += block[c] * pixel[c];
-              coef[q * T + tap] += sum;
-            }
-          });
+    for_each_segment(offsets.size(0) - 1, [&](int64_t s) {
+      const int64_t first = off[s], count = off[s + 1] - off[s], b = s % batch, t = s / batch;
+      scalar_t* coef = out + (b * regions + t) * Q * T;
+      std::vector<scalar_t> taps(T * count);
+      for (int64_t c = 0; c < C; ++c) {
+        gather_taps(xp + (b * C + c) * HW, src, first, count, T, taps.data());
+        for (int64_t q = 0; q < Q; ++q) {
+          const scalar_t* row = gf + (q * C + c) * N + first;
+          for (int64_t tap = 0; tap < T; ++tap) {
+            const scalar_t* values = taps.data() + tap * count;
+            scalar_t sum = 0;
+            for (int64_t i = 0; i < count; ++i) sum += row[i] * values[i];
+            coef[q * T + tap] += sum;
+          }
         }
       }
     });
@@ -360,52 +391,61 @@ _Pragma("omp simd reduction(+ : sum)")
   return grad;
 }
 
-// g of Eq. 7 for coefficient-stencil filters, (B, m, H', W'): for every region j at every position,
-// sum_q sum_tap coeffs[b, j, q, tap] * <W[j, q]^T grad_out, x at the tap>. W^T grad_out for all (j, q) is one GEMM
-// of the rows against stacked (O, m * Q * C) weights, a chunk of rows at a time.
-at::Tensor stencil_region_scores(const at::Tensor& grad_rows, const at::Tensor& stacked, const at::Tensor& x,
-                                 const at::Tensor& order, const at::Tensor& coeffs_in, std::vector<int64_t> conv,
-                                 int64_t out_h, int64_t out_w, int64_t chunk_rows) {
+// g of Eq. 7 for stencil filters, (B, m, H', W'): for every region j at every position,
+// sum_q <weights[q][j]^T grad_out, sum_tap coeffs[b, j, q, tap] * x at the tap>. The back-projections of all (j, q)
+// are one GEMM of stacked (m * Q * C, O) weights against the gradient columns of a run of whole segments (about
+// chunk_columns); then each segment, whose sample fixes every region's coefficients, makes its stencils channel by
+// channel and takes the dot products.
+at::Tensor stencil_region_scores(const at::Tensor& grad, const at::Tensor& stacked, const at::Tensor& x_in,
+                                 const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& coeffs_in,
+                                 const std::vector<int64_t>& conv, int64_t out_h, int64_t out_w,
+                                 int64_t chunk_columns) {
+  const at::Tensor x = x_in.contiguous(), coeffs = coeffs_in.contiguous();
   const Geometry g = make_geometry(x, conv, out_h, out_w);
-  const at::Tensor xc = channels_last(x), coeffs = coeffs_in.contiguous();
-  const int64_t C = g.channels, T = g.taps(), P = g.positions();
-  const int64_t regions = coeffs.size(1), Q = coeffs.size(2), rows = grad_rows.size(0);
-  at::Tensor scores = at::empty({g.batch, regions, out_h, out_w}, x.options());
+  const int64_t C = g.channels, T = g.taps(), P = g.positions(), HW = g.pixels(), batch = g.batch;
+  const int64_t regions = coeffs.size(1), Q = coeffs.size(2), segments = offsets.size(0) - 1;
+  const at::Tensor sources = column_sources(g, order);
+  at::Tensor scores = at::empty({batch, regions, out_h, out_w}, x.options());
   const int64_t* order_p = order.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int32_t* src = sources.data_ptr<int32_t>();
+  at::NoGradGuard no_grad;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stencil_region_scores", [&] {
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* a = coeffs.data_ptr<scalar_t>();
     scalar_t* out = scores.data_ptr<scalar_t>();
-    at::NoGradGuard no_grad;
-    for (int64_t first = 0; first < rows; first += chunk_rows) {
-      const int64_t count = std::min(chunk_rows, rows - first);
-      const at::Tensor back = at::mm(grad_rows.narrow(0, first, count), stacked);  // (count, m * Q * C)
+    for (int64_t head = 0; head < segments;) {
+      int64_t tail = head + 1;
+      while (tail < segments && off[tail + 1] - off[head] <= chunk_columns) ++tail;
+      const int64_t first = off[head], width = off[tail] - first;
+      if (width == 0) {
+        head = tail;
+        continue;
+      }
+      const at::Tensor back = at::mm(stacked, grad.narrow(1, first, width));  // (m * Q * C, width), contiguous
       const scalar_t* bp = back.data_ptr<scalar_t>();
-      at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> sums(regions * Q * T);
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t pos = order_p[first + i], b = pos / P, p = pos % P;
-          const scalar_t* row = bp + i * regions * Q * C;
-          const scalar_t* sample = xp + b * g.height * g.width * C;
-          std::fill(sums.begin(), sums.end(), scalar_t(0));
-          for_each_tap(g, p, [&](int64_t tap, int64_t h, int64_t w) {
-            const scalar_t* pixel = sample + (h * g.width + w) * C;
-            for (int64_t jq = 0; jq < regions * Q; ++jq) {
-              const scalar_t* block = row + jq * C;
-              scalar_t sum = 0;
-_Pragma("omp simd reduction(+ : sum)")
-              for (int64_t c = 0; c < C; ++c) sum += block[c] * pixel[c];
-              sums[jq * T + tap] = sum;
+      at::parallel_for(head, tail, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          const int64_t start = off[s], count = off[s + 1] - off[s], b = s % batch;
+          std::vector<scalar_t> taps(T * count), stencil(count), sums(regions * count, scalar_t(0));
+          for (int64_t c = 0; c < C; ++c) {
+            gather_taps(xp + (b * C + c) * HW, src, start, count, T, taps.data());
+            for (int64_t j = 0; j < regions; ++j) {
+              for (int64_t q = 0; q < Q; ++q) {
+                stencil_row(a + ((b * regions + j) * Q + q) * T, taps.data(), count, T, stencil.data());
+                const scalar_t* row = bp + ((j * Q + q) * C + c) * width + (start - first);
+                scalar_t* sum = sums.data() + j * count;
+                for (int64_t i = 0; i < count; ++i) sum[i] += row[i] * stencil[i];
+              }
             }
-          });
-          for (int64_t j = 0; j < regions; ++j) {
-            const scalar_t* coef = a + (b * regions + j) * Q * T;
-            scalar_t score = 0;
-            for (int64_t k = 0; k < Q * T; ++k) score += coef[k] * sums[j * Q * T + k];
-            out[(b * regions + j) * P + p] = score;
+          }
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t p = order_p[start + i] % P;
+            for (int64_t j = 0; j < regions; ++j) out[(b * regions + j) * P + p] = sums[j * count + i];
           }
         }
       });
+      head = tail;
     }
   });
   return scores;
@@ -416,8 +456,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_features", &gather_features);
   m.def("bucket_matmul", &bucket_matmul);
   m.def("bucket_matmul_backward", &bucket_matmul_backward);
-  m.def("scatter_rows", &scatter_rows);
-  m.def("gather_rows", &gather_rows);
+  m.def("scatter_columns", &scatter_columns);
+  m.def("gather_columns", &gather_columns);
   m.def("features_backward_input", &features_backward_input);
   m.def("features_backward_coeffs", &features_backward_coeffs);
   m.def("stencil_region_scores", &stencil_region_scores);
