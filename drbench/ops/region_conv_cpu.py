@@ -49,9 +49,6 @@ _SOURCE = Path(__file__).with_name("csrc") / "region_conv_cpu.cpp"
 # Most feature elements gathered at once in a forward that keeps nothing for backward: about 4 MB in float32, in the
 # last-level cache when the GEMMs read them, and a small part of a layer's input and output (peak memory).
 _CHUNK_ELEMENTS = 1 << 20
-# Most elements of grad_out's back-projection onto every region's (m * Q * C) stencils held at once by the factored
-# guide scores.
-_SCORE_CHUNK_ELEMENTS = 1 << 20
 
 
 @functools.cache
@@ -128,8 +125,8 @@ def bucketed_forward(x, guide, coeffs, weights, per_sample: bool, kernel, stride
     for first in range(0, batch, step):
         part = slice(first, first + step)
         mask, order, offsets = ext.route(guide[part])
-        features = ext.gather_features(x[part], order, offsets, None if coeffs is None else coeffs[part], conv,
-                                       out_h, out_w)
+        features = ext.gather_features(x[part], mask, order, offsets, None if coeffs is None else coeffs[part],
+                                       conv, out_h, out_w)
         part_weights = [w[:, part] for w in weights] if per_sample else weights
         columns = ext.bucket_matmul(features, offsets, part_weights, regions, per_sample)
         ext.scatter_columns(columns, order, offsets, out[part], bias)
@@ -140,8 +137,7 @@ def bucketed_forward(x, guide, coeffs, weights, per_sample: bool, kernel, stride
 
 def bucketed_backward(grad_out, x, coeffs, weights, per_sample: bool, routing: Routing, kernel, stride, padding,
                       dilation, need_x: bool, need_coeffs: bool, need_weights: bool):
-    """Gradients of x, the coefficients and the weights (each None unless asked for) through the segments, and
-    grad_out's columns."""
+    """Gradients of x, the coefficients and the weights (each None unless asked for) through the segments."""
     ext = extension()
     conv = conv_args(kernel, stride, padding, dilation)
     out_h, out_w = grad_out.shape[-2:]
@@ -152,12 +148,11 @@ def bucketed_backward(grad_out, x, coeffs, weights, per_sample: bool, routing: R
         need_weights)
     grad_x = grad_coeffs = None
     if need_x:
-        grad_x = ext.features_backward_input(grad_features, x, routing.order, routing.offsets, coeffs, conv, out_h,
-                                             out_w)
+        grad_x = ext.features_backward_input(grad_features, x, *routing[:3], coeffs, conv, out_h, out_w)
     if need_coeffs:
-        grad_coeffs = ext.features_backward_coeffs(grad_features, x, routing.order, routing.offsets,
-                                                   coeffs.shape[2], conv, out_h, out_w)
-    return grad_x, grad_coeffs, (grad_weights if need_weights else None), grad_columns
+        grad_coeffs = ext.features_backward_coeffs(grad_features, x, *routing[:3], coeffs.shape[2], conv, out_h,
+                                                   out_w)
+    return grad_x, grad_coeffs, (grad_weights if need_weights else None)
 
 
 def _per_segment(filters: torch.Tensor) -> torch.Tensor:
@@ -185,7 +180,7 @@ class RegionConv2dCompiled(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, guide, filters = ctx.saved_tensors
         need_x, need_guide, need_filters = ctx.needs_input_grad[:3]
-        grad_x, _, grad_weights, _ = bucketed_backward(grad_out, x, None, [_per_segment(filters)], True, ctx.routing,
+        grad_x, _, grad_weights = bucketed_backward(grad_out, x, None, [_per_segment(filters)], True, ctx.routing,
                                                        *ctx.conv, need_x, False, need_filters)
         grad_filters = grad_weights[0].view(filters.transpose(0, 1).shape).transpose(0, 1) if need_filters else None
         grad_guide = None
@@ -252,16 +247,16 @@ class FactoredRegionConv2d(torch.autograd.Function):
         need_x, need_guide, need_coeffs, need_bias = ctx.needs_input_grad[:4]
         need_weights = any(ctx.needs_input_grad[5:])
         grad_out = grad_out.contiguous()
-        grad_x, grad_coeffs, grad_weights, grad_columns = bucketed_backward(
+        grad_x, grad_coeffs, grad_weights = bucketed_backward(
             grad_out, x, coeffs, weights, False, ctx.routing, *ctx.conv, need_x, need_coeffs, need_weights)
-        grad_guide = _factored_guide_gradient(grad_out, grad_columns, x, guide, coeffs, weights, ctx.routing,
-                                              ctx.conv) if need_guide else None
+        grad_guide = _factored_guide_gradient(grad_out, x, guide, coeffs, weights, ctx.conv) if need_guide else None
         grad_bias = grad_out.sum(dim=(0, 2, 3)) if need_bias else None
         return (grad_x, grad_guide, grad_coeffs, grad_bias, None,
                 *(grad_weights if need_weights else [None] * len(weights)))
 
 
-def _factored_guide_gradient(grad_out, grad_columns, x, guide, coeffs, weights, routing: Routing, conv):
+def _factored_guide_gradient(grad_out, x, guide, coeffs, weights, conv):
+    """Eq. 6-8 with the region scores from the factors or from materialised filters, whichever costs less."""
     kernel, stride, padding, dilation = conv
     batch, regions = guide.shape[:2]
     out_channels = weights[0].shape[1]
@@ -270,9 +265,7 @@ def _factored_guide_gradient(grad_out, grad_columns, x, guide, coeffs, weights, 
     if coeffs is not None and factored_scores_are_cheaper(regions, len(weights), out_channels, x.shape[1], taps,
                                                           positions):
         stacked = torch.stack(weights, dim=1).transpose(2, 3).reshape(-1, out_channels)  # (m * Q * C, O)
-        chunk_columns = max(1, _SCORE_CHUNK_ELEMENTS // stacked.shape[0])
-        scores = extension().stencil_region_scores(grad_columns, stacked, x, routing.order, routing.offsets, coeffs,
-                                                   conv_args(*conv), *guide.shape[-2:], chunk_columns)
+        scores = extension().stencil_region_scores(grad_out, stacked, x, coeffs, conv_args(*conv))
     else:
         if coeffs is None:
             filters = weights[0].view(1, regions, out_channels, x.shape[1], *kernel).expand(batch, -1, -1, -1, -1,

@@ -72,25 +72,63 @@ at::Tensor optional_contiguous(const c10::optional<at::Tensor>& tensor) {
   return tensor.has_value() && tensor->defined() ? tensor->contiguous() : at::Tensor();
 }
 
-// taps[tap * count + i] = channel at tap `tap` of column first + i (0 outside the image): a segment's inputs for one
-// channel, laid out so that loops over the columns run over contiguous memory.
-template <typename scalar_t>
-inline void gather_taps(const scalar_t* channel, const int32_t* sources, int64_t first, int64_t count, int64_t T,
-                        scalar_t* taps) {
-  for (int64_t i = 0; i < count; ++i) {
-    const int32_t* from = sources + (first + i) * T;
-    for (int64_t tap = 0; tap < T; ++tap) taps[tap * count + i] = from[tap] >= 0 ? channel[from[tap]] : scalar_t(0);
+// Calls fn(tap, first position, first source, count) for every run of output positions along a row whose tap
+// reads inside the image: positions first + k read the channel at source + k * stride, for k < count. Dense
+// stencils over whole rows vectorise where per-position lookups would not.
+template <typename F>
+void for_each_tap_run(const Geometry& g, F fn) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t shift = j * g.dw - g.pw;  // input column of output column wo: wo * sw + shift
+      const int64_t lo = shift >= 0 ? 0 : (-shift + g.sw - 1) / g.sw;
+      const int64_t hi = g.width - 1 - shift < 0 ? -1 : std::min(g.out_w - 1, (g.width - 1 - shift) / g.sw);
+      if (hi < lo) continue;
+      for (int64_t ho = 0; ho < g.out_h; ++ho) {
+        const int64_t h = ho * g.sh - g.ph + i * g.dh;
+        if (h < 0 || h >= g.height) continue;
+        fn(i * g.kw + j, ho * g.out_w + lo, h * g.width + lo * g.sw + shift, hi - lo + 1);
+      }
+    }
   }
 }
 
-// out[i] = sum_tap coef[tap] * taps[tap * count + i]: one stencil row of a segment.
+// out[p] = sum_tap coef(tap, p) * channel at tap of p, over every output position p; coef(tap, p) is
+// coefs[tap * P + p] (a coefficient per position) or coefs[tap] (one per tap).
+template <bool kPerPosition, typename scalar_t>
+void stencil(const Geometry& g, const scalar_t* channel, const scalar_t* coefs, scalar_t* out) {
+  const int64_t P = g.positions(), stride = g.sw;
+  std::fill(out, out + P, scalar_t(0));
+  for_each_tap_run(g, [&](int64_t tap, int64_t first, int64_t source, int64_t count) {
+    scalar_t* to = out + first;
+    const scalar_t* from = channel + source;
+    if (kPerPosition) {
+      const scalar_t* coef = coefs + tap * P + first;
+      for (int64_t k = 0; k < count; ++k) to[k] += coef[k] * from[k * stride];
+    } else {
+      const scalar_t coef = coefs[tap];
+      for (int64_t k = 0; k < count; ++k) to[k] += coef * from[k * stride];
+    }
+  });
+}
+
+// Per-position coefficients of one sample, (Q, taps, P): coeffs[b, region of p, q, tap] at [q][tap][p].
 template <typename scalar_t>
-inline void stencil_row(const scalar_t* coef, const scalar_t* taps, int64_t count, int64_t T, scalar_t* out) {
-  for (int64_t i = 0; i < count; ++i) out[i] = coef[0] * taps[i];
-  for (int64_t tap = 1; tap < T; ++tap) {
-    const scalar_t weight = coef[tap];
-    const scalar_t* row = taps + tap * count;
-    for (int64_t i = 0; i < count; ++i) out[i] += weight * row[i];
+void position_coefficients(const Geometry& g, const scalar_t* coeffs, int64_t regions, int64_t Q,
+                           const int64_t* mask, int64_t b, scalar_t* out) {
+  const int64_t P = g.positions(), T = g.taps();
+  for (int64_t p = 0; p < P; ++p) {
+    const scalar_t* coef = coeffs + (b * regions + mask[b * P + p]) * Q * T;
+    for (int64_t k = 0; k < Q * T; ++k) out[k * P + p] = coef[k];
+  }
+}
+
+// Calls fn(column, position) for every column of sample b, region by region.
+template <typename F>
+inline void for_each_column(const int64_t* offsets, const int64_t* order, int64_t regions, int64_t batch, int64_t b,
+                            int64_t positions, F fn) {
+  for (int64_t t = 0; t < regions; ++t) {
+    const int64_t s = t * batch + b;
+    for (int64_t n = offsets[s]; n < offsets[s + 1]; ++n) fn(n, order[n] % positions);
   }
 }
 
@@ -137,40 +175,57 @@ std::vector<at::Tensor> route(const at::Tensor& guide_in) {
   return {mask, order, offsets};
 }
 
-// Feature columns (K, N): patches (K = C * taps) or, with coeffs (B, m, Q, taps), stencils (K = Q * C).
-at::Tensor gather_features(const at::Tensor& x_in, const at::Tensor& order, const at::Tensor& offsets,
-                           const c10::optional<at::Tensor>& coeffs_in, const std::vector<int64_t>& conv,
-                           int64_t out_h, int64_t out_w) {
+// Feature columns (K, N): patches (K = C * taps) or, with coeffs (B, m, Q, taps), stencils (K = Q * C), made densely
+// for a whole channel, then gathered into column order. A (sample, channel) pair owns its rows' columns.
+at::Tensor gather_features(const at::Tensor& x_in, const at::Tensor& mask, const at::Tensor& order,
+                           const at::Tensor& offsets, const c10::optional<at::Tensor>& coeffs_in,
+                           const std::vector<int64_t>& conv, int64_t out_h, int64_t out_w) {
   const at::Tensor x = x_in.contiguous();
   const Geometry g = make_geometry(x, conv, out_h, out_w);
   const at::Tensor coeffs = optional_contiguous(coeffs_in);
-  const bool stencil = coeffs.defined();
-  const int64_t N = order.size(0), C = g.channels, T = g.taps(), HW = g.pixels();
-  const int64_t Q = stencil ? coeffs.size(2) : 0, K = stencil ? Q * C : C * T;
-  const int64_t batch = g.batch, segments = offsets.size(0) - 1;
-  const at::Tensor sources = column_sources(g, order);
+  const bool stencils = coeffs.defined();
+  const int64_t N = order.size(0), C = g.channels, T = g.taps(), HW = g.pixels(), P = g.positions();
+  const int64_t Q = stencils ? coeffs.size(2) : 0, K = stencils ? Q * C : C * T, batch = g.batch;
+  const int64_t regions = (offsets.size(0) - 1) / batch;
+  const at::Tensor sources = stencils ? at::Tensor() : column_sources(g, order);
   at::Tensor features = at::empty({K, N}, x.options());
   const int64_t* off = offsets.data_ptr<int64_t>();
-  const int32_t* src = sources.data_ptr<int32_t>();
+  const int64_t* order_p = order.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gather_features", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* out = features.data_ptr<scalar_t>();
-    const scalar_t* a = stencil ? coeffs.data_ptr<scalar_t>() : nullptr;
-    for_each_segment(segments, [&](int64_t s) {
-      const int64_t first = off[s], count = off[s + 1] - off[s], b = s % batch, t = s / batch;
-      std::vector<scalar_t> taps(T * count);
-      for (int64_t c = 0; c < C; ++c) {
-        gather_taps(xp + (b * C + c) * HW, src, first, count, T, taps.data());
-        if (stencil) {
-          const scalar_t* coef = a + (b * coeffs.size(1) + t) * Q * T;
-          for (int64_t q = 0; q < Q; ++q) stencil_row(coef + q * T, taps.data(), count, T, out + (q * C + c) * N + first);
-        } else {
+    if (!stencils) {
+      const int32_t* src = sources.data_ptr<int32_t>();
+      at::parallel_for(0, batch * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t job = begin; job < end; ++job) {
+          const int64_t b = job / C, c = job % C;
+          const scalar_t* channel = xp + job * HW;
           for (int64_t tap = 0; tap < T; ++tap) {
-            std::copy(taps.data() + tap * count, taps.data() + (tap + 1) * count, out + (c * T + tap) * N + first);
+            scalar_t* row = out + (c * T + tap) * N;
+            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t) {
+              const int32_t from = src[n * T + tap];
+              row[n] = from >= 0 ? channel[from] : scalar_t(0);
+            });
           }
         }
-      }
-    });
+      });
+      return;
+    }
+    const scalar_t* a = coeffs.data_ptr<scalar_t>();
+    std::vector<scalar_t> coefs(Q * T * P);
+    for (int64_t b = 0; b < batch; ++b) {
+      position_coefficients(g, a, regions, Q, mask.data_ptr<int64_t>(), b, coefs.data());
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> values(P);
+        for (int64_t c = begin; c < end; ++c) {
+          for (int64_t q = 0; q < Q; ++q) {
+            stencil<true>(g, xp + (b * C + c) * HW, coefs.data() + q * T * P, values.data());
+            scalar_t* row = out + (q * C + c) * N;
+            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t p) { row[n] = values[p]; });
+          }
+        }
+      });
+    }
   });
   return features;
 }
@@ -302,88 +357,106 @@ at::Tensor gather_columns(const at::Tensor& grad_in, const at::Tensor& order, co
   return columns;
 }
 
-// The adjoint of gather_features with respect to x, NCHW. A (sample, channel) pair owns its output row, so taps
+// The adjoint of gather_features with respect to x, NCHW. A (sample, channel) pair owns its gradient row, so taps
 // that overlap never race and the sums do not depend on the thread count.
-at::Tensor features_backward_input(const at::Tensor& grad_features, const at::Tensor& x, const at::Tensor& order,
-                                   const at::Tensor& offsets, const c10::optional<at::Tensor>& coeffs_in,
-                                   const std::vector<int64_t>& conv, int64_t out_h, int64_t out_w) {
+at::Tensor features_backward_input(const at::Tensor& grad_features, const at::Tensor& x, const at::Tensor& mask,
+                                   const at::Tensor& order, const at::Tensor& offsets,
+                                   const c10::optional<at::Tensor>& coeffs_in, const std::vector<int64_t>& conv,
+                                   int64_t out_h, int64_t out_w) {
   const Geometry g = make_geometry(x, conv, out_h, out_w);
   const at::Tensor coeffs = optional_contiguous(coeffs_in);
-  const bool stencil = coeffs.defined();
-  const int64_t C = g.channels, T = g.taps(), HW = g.pixels(), N = order.size(0), batch = g.batch;
-  const int64_t Q = stencil ? coeffs.size(2) : 0, regions = (offsets.size(0) - 1) / batch;
-  const at::Tensor sources = column_sources(g, order);
+  const bool stencils = coeffs.defined();
+  const int64_t C = g.channels, T = g.taps(), HW = g.pixels(), P = g.positions(), N = order.size(0);
+  const int64_t batch = g.batch, Q = stencils ? coeffs.size(2) : 0, regions = (offsets.size(0) - 1) / batch;
+  const at::Tensor sources = stencils ? at::Tensor() : column_sources(g, order);
   at::Tensor grad = at::zeros({batch, C, g.height, g.width}, x.options());
   const int64_t* off = offsets.data_ptr<int64_t>();
-  const int32_t* src = sources.data_ptr<int32_t>();
+  const int64_t* order_p = order.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "features_backward_input", [&] {
     const scalar_t* gf = grad_features.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
-    const scalar_t* a = stencil ? coeffs.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, batch * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t job = begin; job < end; ++job) {
-        const int64_t b = job / C, c = job % C;
-        scalar_t* channel = out + job * HW;
-        for (int64_t t = 0; t < regions; ++t) {
-          const int64_t s = t * batch + b;
-          if (stencil) {
-            const scalar_t* coef = a + (b * regions + t) * Q * T;
-            for (int64_t q = 0; q < Q; ++q) {
-              const scalar_t* row = gf + (q * C + c) * N;
-              for (int64_t n = off[s]; n < off[s + 1]; ++n) {
-                const int32_t* to = src + n * T;
-                for (int64_t tap = 0; tap < T; ++tap) {
-                  if (to[tap] >= 0) channel[to[tap]] += coef[q * T + tap] * row[n];
-                }
-              }
-            }
-          } else {
-            for (int64_t tap = 0; tap < T; ++tap) {
-              const scalar_t* row = gf + (c * T + tap) * N;
-              for (int64_t n = off[s]; n < off[s + 1]; ++n) {
-                const int32_t to = src[n * T + tap];
-                if (to >= 0) channel[to] += row[n];
-              }
-            }
+    if (!stencils) {
+      const int32_t* src = sources.data_ptr<int32_t>();
+      at::parallel_for(0, batch * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t job = begin; job < end; ++job) {
+          const int64_t b = job / C, c = job % C;
+          scalar_t* channel = out + job * HW;
+          for (int64_t tap = 0; tap < T; ++tap) {
+            const scalar_t* row = gf + (c * T + tap) * N;
+            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t) {
+              const int32_t to = src[n * T + tap];
+              if (to >= 0) channel[to] += row[n];
+            });
           }
         }
-      }
-    });
+      });
+      return;
+    }
+    const scalar_t* a = coeffs.data_ptr<scalar_t>();
+    std::vector<scalar_t> coefs(Q * T * P);
+    for (int64_t b = 0; b < batch; ++b) {
+      position_coefficients(g, a, regions, Q, mask.data_ptr<int64_t>(), b, coefs.data());
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> values(P);
+        for (int64_t c = begin; c < end; ++c) {
+          scalar_t* channel = out + (b * C + c) * HW;
+          for (int64_t q = 0; q < Q; ++q) {
+            const scalar_t* row = gf + (q * C + c) * N;
+            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t p) { values[p] = row[n]; });
+            const scalar_t* coef = coefs.data() + q * T * P;
+            const int64_t stride = g.sw;
+            for_each_tap_run(g, [&](int64_t tap, int64_t first, int64_t source, int64_t count) {
+              const scalar_t* weight = coef + tap * P + first;
+              const scalar_t* from = values.data() + first;
+              scalar_t* to = channel + source;
+              for (int64_t k = 0; k < count; ++k) to[k * stride] += weight[k] * from[k];
+            });
+          }
+        }
+      });
+    }
   });
   return grad.contiguous(x.suggest_memory_format());
 }
 
-// The gradient of the stencil coefficients (B, m, Q, taps): over a segment's columns, sum_c of the feature
-// gradient of row (q, c) times x at the tap. A segment owns its (b, t) coefficients.
-at::Tensor features_backward_coeffs(const at::Tensor& grad_features, const at::Tensor& x_in, const at::Tensor& order,
-                                    const at::Tensor& offsets, int64_t Q, const std::vector<int64_t>& conv,
-                                    int64_t out_h, int64_t out_w) {
+// The gradient of the stencil coefficients (B, m, Q, taps): for each position, sum_c of its feature gradient in
+// row (q, c) times x at the tap, summed into the position's region. A sample owns its coefficients.
+at::Tensor features_backward_coeffs(const at::Tensor& grad_features, const at::Tensor& x_in, const at::Tensor& mask,
+                                    const at::Tensor& order, const at::Tensor& offsets, int64_t Q,
+                                    const std::vector<int64_t>& conv, int64_t out_h, int64_t out_w) {
   const at::Tensor x = x_in.contiguous();
   const Geometry g = make_geometry(x, conv, out_h, out_w);
-  const int64_t C = g.channels, T = g.taps(), HW = g.pixels(), N = order.size(0), batch = g.batch;
-  const int64_t regions = (offsets.size(0) - 1) / batch;
-  const at::Tensor sources = column_sources(g, order);
+  const int64_t C = g.channels, T = g.taps(), HW = g.pixels(), P = g.positions(), N = order.size(0);
+  const int64_t batch = g.batch, regions = (offsets.size(0) - 1) / batch;
   at::Tensor grad = at::zeros({batch, regions, Q, T}, x.options());
   const int64_t* off = offsets.data_ptr<int64_t>();
-  const int32_t* src = sources.data_ptr<int32_t>();
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  const int64_t* mask_p = mask.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "features_backward_coeffs", [&] {
     const scalar_t* gf = grad_features.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
-    for_each_segment(offsets.size(0) - 1, [&](int64_t s) {
-      const int64_t first = off[s], count = off[s + 1] - off[s], b = s % batch, t = s / batch;
-      scalar_t* coef = out + (b * regions + t) * Q * T;
-      std::vector<scalar_t> taps(T * count);
-      for (int64_t c = 0; c < C; ++c) {
-        gather_taps(xp + (b * C + c) * HW, src, first, count, T, taps.data());
-        for (int64_t q = 0; q < Q; ++q) {
-          const scalar_t* row = gf + (q * C + c) * N + first;
-          for (int64_t tap = 0; tap < T; ++tap) {
-            const scalar_t* values = taps.data() + tap * count;
-            scalar_t sum = 0;
-            for (int64_t i = 0; i < count; ++i) sum += row[i] * values[i];
-            coef[q * T + tap] += sum;
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> values(P), sums(Q * T * P);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(sums.begin(), sums.end(), scalar_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* channel = xp + (b * C + c) * HW;
+          for (int64_t q = 0; q < Q; ++q) {
+            const scalar_t* row = gf + (q * C + c) * N;
+            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t p) { values[p] = row[n]; });
+            const int64_t stride = g.sw;
+            for_each_tap_run(g, [&](int64_t tap, int64_t first, int64_t source, int64_t count) {
+              scalar_t* sum = sums.data() + (q * T + tap) * P + first;
+              const scalar_t* from = channel + source;
+              const scalar_t* value = values.data() + first;
+              for (int64_t k = 0; k < count; ++k) sum[k] += value[k] * from[k * stride];
+            });
           }
+        }
+        for (int64_t p = 0; p < P; ++p) {
+          scalar_t* coef = out + (b * regions + mask_p[b * P + p]) * Q * T;
+          for (int64_t k = 0; k < Q * T; ++k) coef[k] += sums[k * P + p];
         }
       }
     });
@@ -392,61 +465,41 @@ at::Tensor features_backward_coeffs(const at::Tensor& grad_features, const at::T
 }
 
 // g of Eq. 7 for stencil filters, (B, m, H', W'): for every region j at every position,
-// sum_q <weights[q][j]^T grad_out, sum_tap coeffs[b, j, q, tap] * x at the tap>. The back-projections of all (j, q)
-// are one GEMM of stacked (m * Q * C, O) weights against the gradient columns of a run of whole segments (about
-// chunk_columns); then each segment, whose sample fixes every region's coefficients, makes its stencils channel by
-// channel and takes the dot products.
-at::Tensor stencil_region_scores(const at::Tensor& grad, const at::Tensor& stacked, const at::Tensor& x_in,
-                                 const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& coeffs_in,
-                                 const std::vector<int64_t>& conv, int64_t out_h, int64_t out_w,
-                                 int64_t chunk_columns) {
-  const at::Tensor x = x_in.contiguous(), coeffs = coeffs_in.contiguous();
-  const Geometry g = make_geometry(x, conv, out_h, out_w);
+// sum_q <weights[q][j]^T grad_out, sum_tap coeffs[b, j, q, tap] * x at the tap>. Per sample, the back-projections
+// of all (j, q) are one GEMM of stacked (m * Q * C, O) weights against grad_out (O, P); the stencils, with region
+// j's coefficients of that sample, are dense over each channel. A sample owns its scores.
+at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& stacked, const at::Tensor& x_in,
+                                 const at::Tensor& coeffs_in, const std::vector<int64_t>& conv) {
+  const at::Tensor x = x_in.contiguous(), coeffs = coeffs_in.contiguous(), grad = grad_in.contiguous();
+  const Geometry g = make_geometry(x, conv, grad.size(2), grad.size(3));
   const int64_t C = g.channels, T = g.taps(), P = g.positions(), HW = g.pixels(), batch = g.batch;
-  const int64_t regions = coeffs.size(1), Q = coeffs.size(2), segments = offsets.size(0) - 1;
-  const at::Tensor sources = column_sources(g, order);
-  at::Tensor scores = at::empty({batch, regions, out_h, out_w}, x.options());
-  const int64_t* order_p = order.data_ptr<int64_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const int32_t* src = sources.data_ptr<int32_t>();
-  at::NoGradGuard no_grad;
+  const int64_t regions = coeffs.size(1), Q = coeffs.size(2), O = grad.size(1);
+  at::Tensor scores = at::empty({batch, regions, g.out_h, g.out_w}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stencil_region_scores", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* a = coeffs.data_ptr<scalar_t>();
     scalar_t* out = scores.data_ptr<scalar_t>();
-    for (int64_t head = 0; head < segments;) {
-      int64_t tail = head + 1;
-      while (tail < segments && off[tail + 1] - off[head] <= chunk_columns) ++tail;
-      const int64_t first = off[head], width = off[tail] - first;
-      if (width == 0) {
-        head = tail;
-        continue;
-      }
-      const at::Tensor back = at::mm(stacked, grad.narrow(1, first, width));  // (m * Q * C, width), contiguous
-      const scalar_t* bp = back.data_ptr<scalar_t>();
-      at::parallel_for(head, tail, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t s = begin; s < end; ++s) {
-          const int64_t start = off[s], count = off[s + 1] - off[s], b = s % batch;
-          std::vector<scalar_t> taps(T * count), stencil(count), sums(regions * count, scalar_t(0));
-          for (int64_t c = 0; c < C; ++c) {
-            gather_taps(xp + (b * C + c) * HW, src, start, count, T, taps.data());
-            for (int64_t j = 0; j < regions; ++j) {
-              for (int64_t q = 0; q < Q; ++q) {
-                stencil_row(a + ((b * regions + j) * Q + q) * T, taps.data(), count, T, stencil.data());
-                const scalar_t* row = bp + ((j * Q + q) * C + c) * width + (start - first);
-                scalar_t* sum = sums.data() + j * count;
-                for (int64_t i = 0; i < count; ++i) sum[i] += row[i] * stencil[i];
-              }
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      at::NoGradGuard no_grad;
+      std::vector<scalar_t> values(P);
+      for (int64_t b = begin; b < end; ++b) {
+        const at::Tensor back = at::mm(stacked, grad[b].view({O, P}));  // (m * Q * C, P)
+        const scalar_t* bp = back.data_ptr<scalar_t>();
+        scalar_t* sums = out + b * regions * P;
+        std::fill(sums, sums + regions * P, scalar_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* channel = xp + (b * C + c) * HW;
+          for (int64_t j = 0; j < regions; ++j) {
+            for (int64_t q = 0; q < Q; ++q) {
+              stencil<false>(g, channel, a + ((b * regions + j) * Q + q) * T, values.data());
+              const scalar_t* row = bp + ((j * Q + q) * C + c) * P;
+              scalar_t* sum = sums + j * P;
+              for (int64_t p = 0; p < P; ++p) sum[p] += row[p] * values[p];
             }
           }
-          for (int64_t i = 0; i < count; ++i) {
-            const int64_t p = order_p[start + i] % P;
-            for (int64_t j = 0; j < regions; ++j) out[(b * regions + j) * P + p] = sums[j * count + i];
-          }
         }
-      });
-      head = tail;
-    }
+      }
+    });
   });
   return scores;
 }
