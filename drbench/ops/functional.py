@@ -134,10 +134,26 @@ def region_conv2d(
     (:func:`default_region_conv_impl`).
     """
     check_region_conv_args(x, guide, filters, stride, padding, dilation)
+    x, guide, filters = detached_unless_recorded(x, guide, filters)
     name = impl or default_region_conv_impl(x.device.type)
     if name not in _IMPLEMENTATIONS:
         raise ValueError(f"unknown region_conv2d implementation {name!r}; expected one of: {region_conv_impls()}")
     return _IMPLEMENTATIONS[name].function.apply(x, guide, filters, _pair(stride), _pair(padding), _pair(dilation))
+
+
+def detached_unless_recorded(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors, detached where autograd will not record the call (``torch.no_grad``), so that an
+    implementation's ``ctx.needs_input_grad`` says whether a backward can come and its forward keeps nothing for
+    one that cannot (inside ``Function.forward`` grad mode is always off, and ``needs_input_grad`` only reads
+    ``requires_grad``).
+
+    >>> with torch.no_grad():
+    ...     detached_unless_recorded(torch.ones(1, requires_grad=True), None)[0].requires_grad
+    False
+    """
+    if torch.is_grad_enabled():
+        return list(tensors)
+    return [None if t is None else t.detach() for t in tensors]
 
 
 def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int = 1):

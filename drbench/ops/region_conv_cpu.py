@@ -42,7 +42,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from drbench.ops.functional import guide_gradient, register_region_conv_impl
+from drbench.ops.functional import detached_unless_recorded, guide_gradient, register_region_conv_impl
 from drbench.ops.region_conv_fast import _Geometry, _region_scores
 
 _SOURCE = Path(__file__).with_name("csrc") / "region_conv_cpu.cpp"
@@ -105,30 +105,42 @@ class Routing(NamedTuple):
     features: torch.Tensor
 
 
-def bucketed_forward(x, guide, coeffs, weights, per_sample: bool, kernel, stride, padding, dilation, bias=None,
-                     keep: bool = False):
+def bucketed_forward(x, guide, coeffs, weights, kernel, stride, padding, dilation, *, per_sample: bool = False,
+                     stencils: bool = True, bias=None, keep: bool = False):
     """The layer's output (B, O, H', W') (plus ``bias`` per channel when given), and when ``keep`` the routing and
     features that :func:`bucketed_backward` needs; without ``keep`` samples are done a chunk at a time, so that the
     features never exceed a few MB.
 
-    ``weights``: per-block (m, O, K_q) matrices, or (m, B, O, K_q) when ``per_sample``; ``coeffs`` (B, m, Q, taps)
-    or None (patches).
+    Three ways, by the arguments:
+
+    - ``coeffs`` (B, m, Q, taps) and ``stencils``: coefficient-stencil features, GEMMs per region on the shared
+      ``weights`` (Q tensors (m, O, C));
+    - ``coeffs`` and not ``stencils``: patch features, each segment's filter made from the factors by the thread
+      that multiplies by it;
+    - no ``coeffs``: patch features and ``weights`` holding whole filters, (m, O, C * taps) shared, or
+      (m, B, O, C * taps) when ``per_sample``.
     """
     ext = extension()
     batch, regions = guide.shape[:2]
     out_h, out_w = guide.shape[-2:]
     conv = conv_args(kernel, stride, padding, dilation)
-    out = x.new_empty(batch, weights[0].shape[-2], out_h, out_w)
-    feature_rows = sum(w.shape[-1] for w in weights)
+    channels, out_channels = x.shape[1], weights[0].shape[-2]
+    out = x.new_empty(batch, out_channels, out_h, out_w)
+    taps = kernel[0] * kernel[1]
+    feature_rows = len(weights) * channels if coeffs is not None and stencils else channels * taps
     step = batch if keep else _chunk_samples(batch, out_h * out_w * feature_rows)
     routing = None
     for first in range(0, batch, step):
         part = slice(first, first + step)
+        part_coeffs = None if coeffs is None else coeffs[part]
         mask, order, offsets = ext.route(guide[part])
-        features = ext.gather_features(x[part], mask, order, offsets, None if coeffs is None else coeffs[part],
-                                       conv, out_h, out_w)
-        part_weights = [w[:, part] for w in weights] if per_sample else weights
-        columns = ext.bucket_matmul(features, offsets, part_weights, regions, per_sample)
+        features = ext.gather_features(x[part], mask, order, offsets, part_coeffs if stencils else None, conv,
+                                       out_h, out_w)
+        if part_coeffs is not None and not stencils:
+            columns = ext.factored_filter_matmul(features, offsets, part_coeffs, weights)
+        else:
+            part_weights = [w[:, part] for w in weights] if per_sample else weights
+            columns = ext.bucket_matmul(features, offsets, part_weights, regions, per_sample)
         ext.scatter_columns(columns, order, offsets, out[part], bias)
         if keep:
             routing = Routing(mask, order, offsets, features)
@@ -137,7 +149,8 @@ def bucketed_forward(x, guide, coeffs, weights, per_sample: bool, kernel, stride
 
 def bucketed_backward(grad_out, x, coeffs, weights, per_sample: bool, routing: Routing, kernel, stride, padding,
                       dilation, need_x: bool, need_coeffs: bool, need_weights: bool):
-    """Gradients of x, the coefficients and the weights (each None unless asked for) through the segments."""
+    """Gradients of x, the coefficients and the weights (each None unless asked for) through the segments, for a
+    forward with stencils (``coeffs``) or whole filters (``coeffs`` None)."""
     ext = extension()
     conv = conv_args(kernel, stride, padding, dilation)
     out_h, out_w = grad_out.shape[-2:]
@@ -169,8 +182,8 @@ class RegionConv2dCompiled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, guide, filters, stride, padding, dilation):
         kernel = tuple(filters.shape[-2:])
-        out, routing = bucketed_forward(x, guide, None, [_per_segment(filters)], True, kernel, stride, padding,
-                                        dilation, keep=any(ctx.needs_input_grad[:3]))
+        out, routing = bucketed_forward(x, guide, None, [_per_segment(filters)], kernel, stride, padding, dilation,
+                                        per_sample=True, keep=any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(x, guide, filters)
         ctx.routing, ctx.conv = routing, (kernel, stride, padding, dilation)
         return out
@@ -208,8 +221,25 @@ def factored_region_conv2d(x: torch.Tensor, guide: torch.Tensor, coeffs: torch.T
     ...     factored_region_conv2d(x, guide, coeffs, weights, (3, 3), padding=(1, 1)), expected, atol=1e-4)
     True
     """
-    return FactoredRegionConv2d.apply(x, guide, coeffs, bias, (tuple(kernel_size), tuple(stride), tuple(padding),
-                                                              tuple(dilation)), *weights)
+    conv = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+    x, guide, coeffs, bias, *weights = detached_unless_recorded(x, guide, coeffs, bias, *weights)
+    return FactoredRegionConv2d.apply(x, guide, coeffs, bias, conv, *weights)
+
+
+def stencils_are_cheaper(terms: int, out_channels: int, channels: int, taps: int, regions: int, positions: int) -> bool:
+    """Whether a factored layer's forward costs fewer multiply-adds with stencil features (GEMMs on the shared
+    weights) than with patches and each segment's filter made from the factors.
+
+    Per position: stencils cost Q * O * C (the GEMMs) + Q * taps * C (the stencils); filters O * C * taps (a
+    convolution's) + making m filters per sample, m * Q * O * C * taps, spread over its positions. A k x k kernel
+    favours stencils (Q = 2 against taps = 9 at the paper's hidden width), 1x1 the filters.
+
+    >>> stencils_are_cheaper(2, 64, 64, 9, 8, 784), stencils_are_cheaper(2, 116, 116, 1, 8, 784)
+    (True, False)
+    """
+    with_stencils = terms * channels * (out_channels + taps)
+    with_filters = out_channels * channels * taps * (1 + regions * terms / positions)
+    return with_stencils < with_filters
 
 
 def factored_scores_are_cheaper(regions: int, terms: int, out_channels: int, channels: int, taps: int,
@@ -229,15 +259,19 @@ def factored_scores_are_cheaper(regions: int, terms: int, out_channels: int, cha
 
 
 class FactoredRegionConv2d(torch.autograd.Function):
-    """:func:`factored_region_conv2d`: a bucket per region holding every sample's positions, GEMMs on the shared
-    weights."""
+    """:func:`factored_region_conv2d`: stencils and GEMMs per region on the shared weights, or patches and filters
+    made per segment, whichever costs less (:func:`stencils_are_cheaper`)."""
 
     @staticmethod
     def forward(ctx, x, guide, coeffs, bias, conv, *weights):
-        keep = any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[5:])
-        out, routing = bucketed_forward(x, guide, coeffs, weights, False, *conv, bias=bias, keep=keep)
+        kernel = conv[0]
+        stencils = coeffs is None or stencils_are_cheaper(len(weights), weights[0].shape[1], x.shape[1],
+                                                          kernel[0] * kernel[1], guide.shape[1],
+                                                          guide.shape[-2] * guide.shape[-1])
+        out, routing = bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias,
+                                        keep=any(ctx.needs_input_grad))
         ctx.save_for_backward(x, guide, coeffs, *weights)
-        ctx.routing, ctx.conv, ctx.has_bias = routing, conv, bias is not None
+        ctx.routing, ctx.conv, ctx.stencils = routing, conv, stencils
         return out
 
     @staticmethod
@@ -247,16 +281,48 @@ class FactoredRegionConv2d(torch.autograd.Function):
         need_x, need_guide, need_coeffs, need_bias = ctx.needs_input_grad[:4]
         need_weights = any(ctx.needs_input_grad[5:])
         grad_out = grad_out.contiguous()
-        grad_x, grad_coeffs, grad_weights = bucketed_backward(
-            grad_out, x, coeffs, weights, False, ctx.routing, *ctx.conv, need_x, need_coeffs, need_weights)
-        grad_guide = _factored_guide_gradient(grad_out, x, guide, coeffs, weights, ctx.conv) if need_guide else None
+        filters = None if ctx.stencils else _filters_from_factors(coeffs, weights, ctx.conv[0])
+        if filters is None:
+            grad_x, grad_coeffs, grad_weights = bucketed_backward(
+                grad_out, x, coeffs, weights, False, ctx.routing, *ctx.conv, need_x, need_coeffs, need_weights)
+        else:  # through the filters the forward made per segment, then back to their factors
+            grad_x, _, grad_filters = bucketed_backward(grad_out, x, None, [_per_segment(filters)], True,
+                                                        ctx.routing, *ctx.conv, need_x, False,
+                                                        need_coeffs or need_weights)
+            grad_coeffs, grad_weights = _factor_gradients(coeffs, weights, filters, grad_filters, need_coeffs,
+                                                          need_weights)
+        grad_guide = None
+        if need_guide:
+            grad_guide = _factored_guide_gradient(grad_out, x, guide, coeffs, weights, filters, ctx.conv)
         grad_bias = grad_out.sum(dim=(0, 2, 3)) if need_bias else None
         return (grad_x, grad_guide, grad_coeffs, grad_bias, None,
                 *(grad_weights if need_weights else [None] * len(weights)))
 
 
-def _factored_guide_gradient(grad_out, x, guide, coeffs, weights, conv):
-    """Eq. 6-8 with the region scores from the factors or from materialised filters, whichever costs less."""
+def _filters_from_factors(coeffs, weights, kernel) -> torch.Tensor:
+    """The (B, m, O, C, kh, kw) filters that factors describe, region-major in memory (a view of (m, B, ...))."""
+    batch, regions = coeffs.shape[:2]
+    out_channels, channels = weights[0].shape[1:]
+    filters = torch.einsum("bjqt,qjoc->jboct", coeffs, torch.stack(weights))
+    return filters.reshape(regions, batch, out_channels, channels, *kernel).transpose(0, 1)
+
+
+def _factor_gradients(coeffs, weights, filters, grad_filters, need_coeffs: bool, need_weights: bool):
+    """The gradients of the factors from those of the filters they make: per (b, t, tap), <dF, W_q>; per (t, q),
+    sum over samples and taps of coeffs times dF."""
+    if not (need_coeffs or need_weights):
+        return None, None
+    regions, batch, out_channels, _ = grad_filters[0].shape
+    grad = grad_filters[0].view(regions, batch, out_channels, -1, coeffs.shape[-1])  # (m, B, O, C, taps)
+    stacked = torch.stack(weights)  # (Q, m, O, C)
+    grad_coeffs = torch.einsum("jboct,qjoc->bjqt", grad, stacked) if need_coeffs else None
+    grad_weights = list(torch.einsum("jboct,bjqt->qjoc", grad, coeffs).unbind(0)) if need_weights else None
+    return grad_coeffs, grad_weights
+
+
+def _factored_guide_gradient(grad_out, x, guide, coeffs, weights, filters, conv):
+    """Eq. 6-8 with the region scores from the factors or from materialised filters (``filters`` when the backward
+    has made them already), whichever costs less."""
     kernel, stride, padding, dilation = conv
     batch, regions = guide.shape[:2]
     out_channels = weights[0].shape[1]
@@ -270,9 +336,8 @@ def _factored_guide_gradient(grad_out, x, guide, coeffs, weights, conv):
         if coeffs is None:
             filters = weights[0].view(1, regions, out_channels, x.shape[1], *kernel).expand(batch, -1, -1, -1, -1,
                                                                                              -1)
-        else:
-            filters = torch.einsum("bjqt,qjoc->bjoct", coeffs, torch.stack(weights)).reshape(
-                batch, regions, out_channels, x.shape[1], *kernel)
+        elif filters is None:
+            filters = _filters_from_factors(coeffs, weights, kernel)
         geometry = _Geometry.of(x, guide, filters, stride, padding, dilation)
         scores = _region_scores(geometry, x, filters, grad_out.flatten(2)).view_as(guide)
     return guide_gradient(guide, scores)

@@ -55,7 +55,7 @@ at::Tensor column_sources(const Geometry& g, const at::Tensor& order) {
   const int64_t* order_p = order.data_ptr<int64_t>();
   int32_t* out = sources.data_ptr<int32_t>();
   at::parallel_for(0, columns, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) tap_sources(g, order_p[n] % P, out + n * T);
+    for (int64_t n = begin; n < end; ++n) tap_sources(g, order_p[n], out + n * T);
   });
   return sources;
 }
@@ -92,22 +92,32 @@ void for_each_tap_run(const Geometry& g, F fn) {
   }
 }
 
+// to[k] += weight(k) * from[k * stride], weight(k) = weights[k] or the scalar weights[0]: the inner loop of every
+// stencil, written so that the compiler vectorises the common stride 1.
+template <bool kPerPosition, typename scalar_t>
+inline void axpy_run(scalar_t* __restrict__ to, const scalar_t* __restrict__ weights,
+                     const scalar_t* __restrict__ from, int64_t count, int64_t stride) {
+  if (stride == 1) {
+    if (kPerPosition) {
+      for (int64_t k = 0; k < count; ++k) to[k] += weights[k] * from[k];
+    } else {
+      const scalar_t weight = weights[0];
+      for (int64_t k = 0; k < count; ++k) to[k] += weight * from[k];
+    }
+    return;
+  }
+  for (int64_t k = 0; k < count; ++k) to[k] += (kPerPosition ? weights[k] : weights[0]) * from[k * stride];
+}
+
 // out[p] = sum_tap coef(tap, p) * channel at tap of p, over every output position p; coef(tap, p) is
 // coefs[tap * P + p] (a coefficient per position) or coefs[tap] (one per tap).
 template <bool kPerPosition, typename scalar_t>
 void stencil(const Geometry& g, const scalar_t* channel, const scalar_t* coefs, scalar_t* out) {
-  const int64_t P = g.positions(), stride = g.sw;
+  const int64_t P = g.positions();
   std::fill(out, out + P, scalar_t(0));
   for_each_tap_run(g, [&](int64_t tap, int64_t first, int64_t source, int64_t count) {
-    scalar_t* to = out + first;
-    const scalar_t* from = channel + source;
-    if (kPerPosition) {
-      const scalar_t* coef = coefs + tap * P + first;
-      for (int64_t k = 0; k < count; ++k) to[k] += coef[k] * from[k * stride];
-    } else {
-      const scalar_t coef = coefs[tap];
-      for (int64_t k = 0; k < count; ++k) to[k] += coef * from[k * stride];
-    }
+    const scalar_t* weights = kPerPosition ? coefs + tap * P + first : coefs + tap;
+    axpy_run<kPerPosition>(out + first, weights, channel + source, count, g.sw);
   });
 }
 
@@ -125,10 +135,10 @@ void position_coefficients(const Geometry& g, const scalar_t* coeffs, int64_t re
 // Calls fn(column, position) for every column of sample b, region by region.
 template <typename F>
 inline void for_each_column(const int64_t* offsets, const int64_t* order, int64_t regions, int64_t batch, int64_t b,
-                            int64_t positions, F fn) {
+                            F fn) {
   for (int64_t t = 0; t < regions; ++t) {
     const int64_t s = t * batch + b;
-    for (int64_t n = offsets[s]; n < offsets[s + 1]; ++n) fn(n, order[n] % positions);
+    for (int64_t n = offsets[s]; n < offsets[s + 1]; ++n) fn(n, order[n]);
   }
 }
 
@@ -136,7 +146,7 @@ inline void for_each_column(const int64_t* offsets, const int64_t* order, int64_
 
 // Region of each position (argmax over dim 1, ties to the lowest index, NaN wins like torch.argmax) and the
 // positions ordered by (region, sample, position). Returns (mask (B*P), order (N), offsets (m * B + 1)): segment
-// t * B + b holds columns [offsets[s], offsets[s + 1]).
+// s = t * B + b holds columns [offsets[s], offsets[s + 1]), and order holds each column's position in its sample.
 std::vector<at::Tensor> route(const at::Tensor& guide_in) {
   TORCH_CHECK(guide_in.dim() == 4, "guide must be (B, m, H', W')");
   const at::Tensor guide = guide_in.contiguous();
@@ -171,7 +181,7 @@ std::vector<at::Tensor> route(const at::Tensor& guide_in) {
   at::Tensor order = at::empty({total}, long_options);
   int64_t* order_p = order.data_ptr<int64_t>();
   std::vector<int64_t> next(off, off + segments);
-  for (int64_t n = 0; n < total; ++n) order_p[next[segment_of(n)]++] = n;
+  for (int64_t n = 0; n < total; ++n) order_p[next[segment_of(n)]++] = n % positions;
   return {mask, order, offsets};
 }
 
@@ -202,7 +212,7 @@ at::Tensor gather_features(const at::Tensor& x_in, const at::Tensor& mask, const
           const scalar_t* channel = xp + job * HW;
           for (int64_t tap = 0; tap < T; ++tap) {
             scalar_t* row = out + (c * T + tap) * N;
-            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t) {
+            for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t) {
               const int32_t from = src[n * T + tap];
               row[n] = from >= 0 ? channel[from] : scalar_t(0);
             });
@@ -221,7 +231,7 @@ at::Tensor gather_features(const at::Tensor& x_in, const at::Tensor& mask, const
           for (int64_t q = 0; q < Q; ++q) {
             stencil<true>(g, xp + (b * C + c) * HW, coefs.data() + q * T * P, values.data());
             scalar_t* row = out + (q * C + c) * N;
-            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t p) { row[n] = values[p]; });
+            for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t p) { row[n] = values[p]; });
           }
         }
       });
@@ -281,6 +291,46 @@ at::Tensor bucket_matmul(const at::Tensor& features, const at::Tensor& offsets, 
   return out;
 }
 
+// out (O, N): each segment's columns of patch features (C * taps, N) times the filter of its sample and region,
+// made in the thread that multiplies by it from the factors, filter[o, c * taps + tap] =
+// sum_q coeffs[b, t, q, tap] * weights[q][t][o, c]; so no (B, m, O, C * taps) tensor exists. Segments run side by
+// side, one thread each.
+at::Tensor factored_filter_matmul(const at::Tensor& features, const at::Tensor& offsets, const at::Tensor& coeffs_in,
+                                  const std::vector<at::Tensor>& weights_in) {
+  const at::Tensor coeffs = coeffs_in.contiguous();
+  std::vector<at::Tensor> weights;
+  for (const auto& w : weights_in) weights.push_back(w.contiguous());
+  const int64_t batch = coeffs.size(0), regions = coeffs.size(1), Q = coeffs.size(2), T = coeffs.size(3);
+  const int64_t O = weights[0].size(1), C = weights[0].size(2), N = features.size(1);
+  at::Tensor out = at::empty({O, N}, features.options());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "factored_filter_matmul", [&] {
+    const scalar_t* a = coeffs.data_ptr<scalar_t>();
+    for_each_segment(regions * batch, [&](int64_t s) {
+      const int64_t first = off[s], count = off[s + 1] - off[s], t = s / batch, b = s % batch;
+      if (count == 0) return;
+      at::NoGradGuard no_grad;
+      at::Tensor filter = at::zeros({O, C * T}, features.options());
+      scalar_t* f = filter.data_ptr<scalar_t>();
+      const scalar_t* coef = a + (b * regions + t) * Q * T;
+      for (int64_t q = 0; q < Q; ++q) {
+        const scalar_t* w = weights[q].data_ptr<scalar_t>() + t * O * C;
+        if (T == 1) {
+          const scalar_t scale = coef[q];
+          for (int64_t k = 0; k < O * C; ++k) f[k] += scale * w[k];
+          continue;
+        }
+        for (int64_t k = 0; k < O * C; ++k) {
+          for (int64_t tap = 0; tap < T; ++tap) f[k * T + tap] += coef[q * T + tap] * w[k];
+        }
+      }
+      at::Tensor into = out.narrow(1, first, count);
+      at::mm_out(into, filter, features.narrow(1, first, count));
+    });
+  });
+  return out;
+}
+
 // The adjoint of bucket_matmul: (grad of features, grads of weights...); each is computed when asked.
 std::vector<at::Tensor> bucket_matmul_backward(const at::Tensor& grad, const at::Tensor& features,
                                                const at::Tensor& offsets, const std::vector<at::Tensor>& weights,
@@ -329,7 +379,7 @@ void scatter_columns(const at::Tensor& columns, const at::Tensor& order, const a
         const scalar_t add = bp ? bp[o] : scalar_t(0);
         const scalar_t* row = from + o * N;
         scalar_t* channel = to + (b * O + o) * P;
-        for (int64_t n = off[s]; n < off[s + 1]; ++n) channel[order_p[n] % P] = row[n] + add;
+        for (int64_t n = off[s]; n < off[s + 1]; ++n) channel[order_p[n]] = row[n] + add;
       }
     });
   });
@@ -350,7 +400,7 @@ at::Tensor gather_columns(const at::Tensor& grad_in, const at::Tensor& order, co
       for (int64_t o = 0; o < O; ++o) {
         const scalar_t* channel = from + (b * O + o) * P;
         scalar_t* row = to + o * N;
-        for (int64_t n = off[s]; n < off[s + 1]; ++n) row[n] = channel[order_p[n] % P];
+        for (int64_t n = off[s]; n < off[s + 1]; ++n) row[n] = channel[order_p[n]];
       }
     });
   });
@@ -383,7 +433,7 @@ at::Tensor features_backward_input(const at::Tensor& grad_features, const at::Te
           scalar_t* channel = out + job * HW;
           for (int64_t tap = 0; tap < T; ++tap) {
             const scalar_t* row = gf + (c * T + tap) * N;
-            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t) {
+            for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t) {
               const int32_t to = src[n * T + tap];
               if (to >= 0) channel[to] += row[n];
             });
@@ -402,14 +452,18 @@ at::Tensor features_backward_input(const at::Tensor& grad_features, const at::Te
           scalar_t* channel = out + (b * C + c) * HW;
           for (int64_t q = 0; q < Q; ++q) {
             const scalar_t* row = gf + (q * C + c) * N;
-            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t p) { values[p] = row[n]; });
+            for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t p) { values[p] = row[n]; });
             const scalar_t* coef = coefs.data() + q * T * P;
             const int64_t stride = g.sw;
             for_each_tap_run(g, [&](int64_t tap, int64_t first, int64_t source, int64_t count) {
               const scalar_t* weight = coef + tap * P + first;
               const scalar_t* from = values.data() + first;
               scalar_t* to = channel + source;
-              for (int64_t k = 0; k < count; ++k) to[k * stride] += weight[k] * from[k];
+              if (stride == 1) {
+                axpy_run<true>(to, weight, from, count, 1);
+              } else {
+                for (int64_t k = 0; k < count; ++k) to[k * stride] += weight[k] * from[k];
+              }
             });
           }
         }
@@ -444,13 +498,13 @@ at::Tensor features_backward_coeffs(const at::Tensor& grad_features, const at::T
           const scalar_t* channel = xp + (b * C + c) * HW;
           for (int64_t q = 0; q < Q; ++q) {
             const scalar_t* row = gf + (q * C + c) * N;
-            for_each_column(off, order_p, regions, batch, b, P, [&](int64_t n, int64_t p) { values[p] = row[n]; });
+            for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t p) { values[p] = row[n]; });
             const int64_t stride = g.sw;
             for_each_tap_run(g, [&](int64_t tap, int64_t first, int64_t source, int64_t count) {
               scalar_t* sum = sums.data() + (q * T + tap) * P + first;
               const scalar_t* from = channel + source;
               const scalar_t* value = values.data() + first;
-              for (int64_t k = 0; k < count; ++k) sum[k] += value[k] * from[k * stride];
+              axpy_run<true>(sum, value, from, count, stride);
             });
           }
         }
@@ -509,6 +563,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_features", &gather_features);
   m.def("bucket_matmul", &bucket_matmul);
   m.def("bucket_matmul_backward", &bucket_matmul_backward);
+  m.def("factored_filter_matmul", &factored_filter_matmul);
   m.def("scatter_columns", &scatter_columns);
   m.def("gather_columns", &gather_columns);
   m.def("features_backward_input", &features_backward_input);
