@@ -226,20 +226,31 @@ def factored_region_conv2d(x: torch.Tensor, guide: torch.Tensor, coeffs: torch.T
     return FactoredRegionConv2d.apply(x, guide, coeffs, bias, conv, *weights)
 
 
-def stencils_are_cheaper(terms: int, out_channels: int, channels: int, taps: int, regions: int, positions: int) -> bool:
-    """Whether a factored layer's forward costs fewer multiply-adds with stencil features (GEMMs on the shared
-    weights) than with patches and each segment's filter made from the factors.
+def stencils_are_cheaper(terms: int, out_channels: int, channels: int, taps: int, regions: int, positions: int,
+                         batch: int) -> bool:
+    """Whether a factored layer's forward costs less with stencil features (GEMMs on the shared weights) than with
+    patches and each segment's filter made from the factors.
 
-    Per position: stencils cost Q * O * C (the GEMMs) + Q * taps * C (the stencils); filters O * C * taps (a
-    convolution's) + making m filters per sample, m * Q * O * C * taps, spread over its positions. A k x k kernel
-    favours stencils (Q = 2 against taps = 9 at the paper's hidden width), 1x1 the filters.
+    Stencils cost Q * (O + taps) * C multiply-adds per position. Filters cost a convolution's O * C * taps per
+    position, plus making m filters per sample (m * Q * O * C * taps) and moving each once out to memory and back
+    (2 * m * O * C * taps floats per sample, at :data:`FLOAT_COST` multiply-adds each). Both read the weights once.
+    A k x k kernel favours stencils (Q = 2 against taps = 9 at the paper's hidden width), a 1x1 kernel filters,
+    except on small maps at small batches, where the filters' traffic outweighs the positions they serve.
 
-    >>> stencils_are_cheaper(2, 64, 64, 9, 8, 784), stencils_are_cheaper(2, 116, 116, 1, 8, 784)
+    >>> stencils_are_cheaper(2, 64, 64, 9, 8, 784, 16), stencils_are_cheaper(2, 116, 116, 1, 8, 784, 32)
     (True, False)
+    >>> stencils_are_cheaper(2, 464, 464, 1, 8, 49, 1)
+    True
     """
-    with_stencils = terms * channels * (out_channels + taps)
-    with_filters = out_channels * channels * taps * (1 + regions * terms / positions)
+    with_stencils = batch * positions * terms * channels * (out_channels + taps)
+    filter_size = out_channels * channels * taps
+    with_filters = batch * (positions * filter_size + regions * filter_size * (terms + 2 * FLOAT_COST))
     return with_stencils < with_filters
+
+
+FLOAT_COST = 8
+"""Multiply-adds that moving one float to or from memory costs, for choosing between ways of computing: this
+machine's one core reads about 9 G floats/s (37 GB/s, a 64 MB sum) and multiplies-adds about 75 G/s in a GEMM."""
 
 
 def factored_scores_are_cheaper(regions: int, terms: int, out_channels: int, channels: int, taps: int,
@@ -267,7 +278,7 @@ class FactoredRegionConv2d(torch.autograd.Function):
         kernel = conv[0]
         stencils = coeffs is None or stencils_are_cheaper(len(weights), weights[0].shape[1], x.shape[1],
                                                           kernel[0] * kernel[1], guide.shape[1],
-                                                          guide.shape[-2] * guide.shape[-1])
+                                                          guide.shape[-2] * guide.shape[-1], x.shape[0])
         out, routing = bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias,
                                         keep=any(ctx.needs_input_grad))
         ctx.save_for_backward(x, guide, coeffs, *weights)

@@ -17,7 +17,67 @@
 #include <cmath>
 #include <vector>
 
+// The BLAS that torch's CPU build carries (MKL on x86, OpenBLAS elsewhere) exports the Fortran interface: a call
+// costs well under a microsecond, where at::mm's dispatch costs several, which layers with small maps and many
+// regions repeat dozens of times per forward.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
 namespace {
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                      const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                      const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+                      const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major C (M x N, row stride ldc) = op(A) (M x K) @ op(B) (K x N) + beta * C, op transposing a matrix stored
+// row-major with row stride lda / ldb; a column-major BLAS computes it as C^T = op(B)^T op(A)^T.
+template <typename scalar_t>
+void gemm(bool transpose_a, bool transpose_b, int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+          const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == scalar_t(0) ? scalar_t(0) : beta * C[i * ldc + j];
+    }
+    return;
+  }
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(std::max<int64_t>(1, lda)), lb = static_cast<int>(std::max<int64_t>(1, ldb));
+  const int lc = static_cast<int>(std::max<int64_t>(1, ldc));
+  const scalar_t one = 1;
+  blas_gemm(transpose_b ? "T" : "N", transpose_a ? "T" : "N", &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+}
+
+// One matrix of a weight tensor whose last dimension is contiguous: its first element and row stride.
+template <typename scalar_t>
+struct Matrix {
+  const scalar_t* data;
+  int64_t stride;
+};
+
+template <typename scalar_t>
+Matrix<scalar_t> matrix(const at::Tensor& w, int64_t i) {
+  return {w.data_ptr<scalar_t>() + i * w.stride(0), w.stride(1)};
+}
+
+template <typename scalar_t>
+Matrix<scalar_t> matrix(const at::Tensor& w, int64_t i, int64_t j) {
+  return {w.data_ptr<scalar_t>() + i * w.stride(0) + j * w.stride(1), w.stride(2)};
+}
 
 struct Geometry {
   int64_t batch, channels, height, width;  // input
@@ -242,53 +302,94 @@ at::Tensor gather_features(const at::Tensor& x_in, const at::Tensor& mask, const
 
 namespace {
 
-// Calls fn(weight selector, column first, column count) for each GEMM: one per region over its segments, or one
-// per segment when per_sample. A weight tensor is (m, O, K), or (m, B, O, K) when per_sample; the selector picks
-// the matrix of the GEMM. Regions run one after the other with threaded GEMMs; segments side by side, one thread
+// Calls fn(weight matrix of a tensor, column first, column count) for each GEMM: one per region over its segments,
+// or one per segment when per_sample. A weight tensor is (m, O, K), or (m, B, O, K) when per_sample, with a
+// contiguous last dimension. Regions run one after the other with threaded GEMMs; segments side by side, one thread
 // each.
-template <typename F>
+template <typename scalar_t, typename F>
 void for_each_gemm(const at::Tensor& offsets, int64_t regions, bool per_sample, F fn) {
   const int64_t segments = offsets.size(0) - 1, batch = segments / regions;
   const int64_t* off = offsets.data_ptr<int64_t>();
   if (per_sample) {
     for_each_segment(segments, [&](int64_t s) {
-      at::NoGradGuard no_grad;  // in every thread: the GEMMs write into given outputs
-      auto select = [&](const at::Tensor& w) { return w[s / batch][s % batch]; };
+      auto select = [&](const at::Tensor& w) { return matrix<scalar_t>(w, s / batch, s % batch); };
       if (off[s + 1] > off[s]) fn(select, off[s], off[s + 1] - off[s]);
     });
     return;
   }
-  at::NoGradGuard no_grad;
   for (int64_t t = 0; t < regions; ++t) {
-    auto select = [&](const at::Tensor& w) { return w[t]; };
+    auto select = [&](const at::Tensor& w) { return matrix<scalar_t>(w, t); };
     const int64_t first = off[t * batch], last = off[(t + 1) * batch];
     if (last > first) fn(select, first, last - first);
   }
+}
+
+std::vector<at::Tensor> last_dim_contiguous(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> result;
+  for (const auto& t : tensors) result.push_back(t.stride(-1) == 1 ? t : t.contiguous());
+  return result;
 }
 
 }  // namespace
 
 // out (O, N) = sum_i weights[i][selected] (O, K_i) @ features[block i, columns], per GEMM of for_each_gemm. The
 // blocks are consecutive feature rows.
-at::Tensor bucket_matmul(const at::Tensor& features, const at::Tensor& offsets, const std::vector<at::Tensor>& weights,
-                         int64_t regions, bool per_sample) {
-  at::Tensor out = at::empty({weights[0].size(-2), features.size(1)}, features.options());
-  for_each_gemm(offsets, regions, per_sample, [&](auto select, int64_t first, int64_t count) {
-    at::Tensor into = out.narrow(1, first, count);
-    int64_t row = 0;
-    for (size_t i = 0; i < weights.size(); ++i) {
-      const at::Tensor weight = select(weights[i]);
-      const int64_t width = weight.size(1);
-      const at::Tensor block = features.narrow(0, row, width).narrow(1, first, count);
-      if (i == 0) {
-        at::mm_out(into, weight, block);
-      } else {
-        into.addmm_(weight, block);
+at::Tensor bucket_matmul(const at::Tensor& features, const at::Tensor& offsets,
+                         const std::vector<at::Tensor>& weights_in, int64_t regions, bool per_sample) {
+  const std::vector<at::Tensor> weights = last_dim_contiguous(weights_in);
+  const int64_t O = weights[0].size(-2), N = features.size(1);
+  at::Tensor out = at::empty({O, N}, features.options());
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "bucket_matmul", [&] {
+    const scalar_t* f = features.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for_each_gemm<scalar_t>(offsets, regions, per_sample, [&](auto select, int64_t first, int64_t count) {
+      int64_t row = 0;
+      for (size_t i = 0; i < weights.size(); ++i) {
+        const Matrix<scalar_t> w = select(weights[i]);
+        const int64_t width = weights[i].size(-1);
+        gemm<scalar_t>(false, false, O, count, width, w.data, w.stride, f + row * N + first, N,
+                       scalar_t(i == 0 ? 0 : 1), o + first, N);
+        row += width;
       }
-      row += width;
-    }
+    });
   });
   return out;
+}
+
+// The adjoint of bucket_matmul: (grad of features, grads of weights...); each is computed when asked.
+std::vector<at::Tensor> bucket_matmul_backward(const at::Tensor& grad, const at::Tensor& features,
+                                               const at::Tensor& offsets, const std::vector<at::Tensor>& weights_in,
+                                               int64_t regions, bool per_sample, bool need_features,
+                                               bool need_weights) {
+  const std::vector<at::Tensor> weights = last_dim_contiguous(weights_in);
+  const int64_t O = weights[0].size(-2), N = features.size(1);
+  at::Tensor grad_features = need_features ? at::zeros_like(features) : at::Tensor();
+  std::vector<at::Tensor> grad_weights;
+  for (const auto& w : weights) grad_weights.push_back(need_weights ? at::zeros(w.sizes(), w.options()) : at::Tensor());
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "bucket_matmul_backward", [&] {
+    const scalar_t* f = features.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    for_each_gemm<scalar_t>(offsets, regions, per_sample, [&](auto select, int64_t first, int64_t count) {
+      int64_t row = 0;
+      for (size_t i = 0; i < weights.size(); ++i) {
+        const Matrix<scalar_t> w = select(weights[i]);
+        const int64_t width = weights[i].size(-1);
+        if (need_features) {
+          gemm<scalar_t>(true, false, width, count, O, w.data, w.stride, g + first, N, scalar_t(0),
+                         grad_features.data_ptr<scalar_t>() + row * N + first, N);
+        }
+        if (need_weights) {
+          const Matrix<scalar_t> into = select(grad_weights[i]);
+          gemm<scalar_t>(false, true, O, width, count, g + first, N, f + row * N + first, N, scalar_t(0),
+                         const_cast<scalar_t*>(into.data), into.stride);
+        }
+        row += width;
+      }
+    });
+  });
+  std::vector<at::Tensor> result{grad_features};
+  result.insert(result.end(), grad_weights.begin(), grad_weights.end());
+  return result;
 }
 
 // out (O, N): each segment's columns of patch features (C * taps, N) times the filter of its sample and region,
@@ -306,59 +407,26 @@ at::Tensor factored_filter_matmul(const at::Tensor& features, const at::Tensor& 
   const int64_t* off = offsets.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "factored_filter_matmul", [&] {
     const scalar_t* a = coeffs.data_ptr<scalar_t>();
+    const scalar_t* feats = features.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
     for_each_segment(regions * batch, [&](int64_t s) {
       const int64_t first = off[s], count = off[s + 1] - off[s], t = s / batch, b = s % batch;
       if (count == 0) return;
-      at::NoGradGuard no_grad;
-      at::Tensor filter = at::zeros({O, C * T}, features.options());
-      scalar_t* f = filter.data_ptr<scalar_t>();
+      std::vector<scalar_t> filter(O * C * T);
       const scalar_t* coef = a + (b * regions + t) * Q * T;
-      for (int64_t q = 0; q < Q; ++q) {
-        const scalar_t* w = weights[q].data_ptr<scalar_t>() + t * O * C;
-        if (T == 1) {
-          const scalar_t scale = coef[q];
-          for (int64_t k = 0; k < O * C; ++k) f[k] += scale * w[k];
-          continue;
-        }
+      std::vector<const scalar_t*> w(Q);
+      for (int64_t q = 0; q < Q; ++q) w[q] = weights[q].data_ptr<scalar_t>() + t * O * C;
+      for (int64_t tap = 0; tap < T; ++tap) {  // one pass writing the filter, reading each factor once
         for (int64_t k = 0; k < O * C; ++k) {
-          for (int64_t tap = 0; tap < T; ++tap) f[k * T + tap] += coef[q * T + tap] * w[k];
+          scalar_t value = 0;
+          for (int64_t q = 0; q < Q; ++q) value += coef[q * T + tap] * w[q][k];
+          filter[k * T + tap] = value;
         }
       }
-      at::Tensor into = out.narrow(1, first, count);
-      at::mm_out(into, filter, features.narrow(1, first, count));
+      gemm<scalar_t>(false, false, O, count, C * T, filter.data(), C * T, feats + first, N, scalar_t(0), o + first, N);
     });
   });
   return out;
-}
-
-// The adjoint of bucket_matmul: (grad of features, grads of weights...); each is computed when asked.
-std::vector<at::Tensor> bucket_matmul_backward(const at::Tensor& grad, const at::Tensor& features,
-                                               const at::Tensor& offsets, const std::vector<at::Tensor>& weights,
-                                               int64_t regions, bool per_sample, bool need_features,
-                                               bool need_weights) {
-  at::Tensor grad_features = need_features ? at::zeros_like(features) : at::Tensor();
-  std::vector<at::Tensor> grad_weights;
-  for (const auto& w : weights) grad_weights.push_back(need_weights ? at::zeros(w.sizes(), w.options()) : at::Tensor());
-  for_each_gemm(offsets, regions, per_sample, [&](auto select, int64_t first, int64_t count) {
-    const at::Tensor columns = grad.narrow(1, first, count);
-    int64_t row = 0;
-    for (size_t i = 0; i < weights.size(); ++i) {
-      const at::Tensor weight = select(weights[i]);
-      const int64_t width = weight.size(1);
-      if (need_features) {
-        at::Tensor into = grad_features.narrow(0, row, width).narrow(1, first, count);
-        at::mm_out(into, weight.t(), columns);
-      }
-      if (need_weights) {
-        at::Tensor into = select(grad_weights[i]);
-        at::mm_out(into, columns, features.narrow(0, row, width).narrow(1, first, count).t());
-      }
-      row += width;
-    }
-  });
-  std::vector<at::Tensor> result{grad_features};
-  result.insert(result.end(), grad_weights.begin(), grad_weights.end());
-  return result;
 }
 
 // Columns (O, N) into out (B, O, H', W') (contiguous, written whole), plus a per-channel bias when defined.
@@ -522,9 +590,10 @@ at::Tensor features_backward_coeffs(const at::Tensor& grad_features, const at::T
 // sum_q <weights[q][j]^T grad_out, sum_tap coeffs[b, j, q, tap] * x at the tap>. Per sample, the back-projections
 // of all (j, q) are one GEMM of stacked (m * Q * C, O) weights against grad_out (O, P); the stencils, with region
 // j's coefficients of that sample, are dense over each channel. A sample owns its scores.
-at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& stacked, const at::Tensor& x_in,
+at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& stacked_in, const at::Tensor& x_in,
                                  const at::Tensor& coeffs_in, const std::vector<int64_t>& conv) {
   const at::Tensor x = x_in.contiguous(), coeffs = coeffs_in.contiguous(), grad = grad_in.contiguous();
+  const at::Tensor stacked = stacked_in.contiguous();
   const Geometry g = make_geometry(x, conv, grad.size(2), grad.size(3));
   const int64_t C = g.channels, T = g.taps(), P = g.positions(), HW = g.pixels(), batch = g.batch;
   const int64_t regions = coeffs.size(1), Q = coeffs.size(2), O = grad.size(1);
@@ -533,12 +602,14 @@ at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& st
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* a = coeffs.data_ptr<scalar_t>();
     scalar_t* out = scores.data_ptr<scalar_t>();
+    const scalar_t* st = stacked.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const int64_t rows = stacked.size(0);
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      at::NoGradGuard no_grad;
-      std::vector<scalar_t> values(P);
+      std::vector<scalar_t> values(P), back(rows * P);
       for (int64_t b = begin; b < end; ++b) {
-        const at::Tensor back = at::mm(stacked, grad[b].view({O, P}));  // (m * Q * C, P)
-        const scalar_t* bp = back.data_ptr<scalar_t>();
+        gemm<scalar_t>(false, false, rows, P, O, st, O, gp + b * O * P, P, scalar_t(0), back.data(), P);
+        const scalar_t* bp = back.data();
         scalar_t* sums = out + b * regions * P;
         std::fill(sums, sums + regions * P, scalar_t(0));
         for (int64_t c = 0; c < C; ++c) {
