@@ -276,11 +276,11 @@ class FactoredRegionConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, guide, coeffs, bias, conv, *weights):
         kernel = conv[0]
+        keep = any(ctx.needs_input_grad)
         stencils = coeffs is None or stencils_are_cheaper(len(weights), weights[0].shape[1], x.shape[1],
                                                           kernel[0] * kernel[1], guide.shape[1],
                                                           guide.shape[-2] * guide.shape[-1], x.shape[0])
-        out, routing = bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias,
-                                        keep=any(ctx.needs_input_grad))
+        out, routing = bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias, keep=keep)
         ctx.save_for_backward(x, guide, coeffs, *weights)
         ctx.routing, ctx.conv, ctx.stencils = routing, conv, stencils
         return out
@@ -300,8 +300,7 @@ class FactoredRegionConv2d(torch.autograd.Function):
             grad_x, _, grad_filters = bucketed_backward(grad_out, x, None, [_per_segment(filters)], True,
                                                         ctx.routing, *ctx.conv, need_x, False,
                                                         need_coeffs or need_weights)
-            grad_coeffs, grad_weights = _factor_gradients(coeffs, weights, filters, grad_filters, need_coeffs,
-                                                          need_weights)
+            grad_coeffs, grad_weights = _factor_gradients(coeffs, weights, grad_filters, need_coeffs, need_weights)
         grad_guide = None
         if need_guide:
             grad_guide = _factored_guide_gradient(grad_out, x, guide, coeffs, weights, filters, ctx.conv)
@@ -311,23 +310,31 @@ class FactoredRegionConv2d(torch.autograd.Function):
 
 
 def _filters_from_factors(coeffs, weights, kernel) -> torch.Tensor:
-    """The (B, m, O, C, kh, kw) filters that factors describe, region-major in memory (a view of (m, B, ...))."""
-    batch, regions = coeffs.shape[:2]
+    """The (B, m, O, C, kh, kw) filters that factors describe, region-major in memory (a view of (m, B, ...)):
+    per region, (B, Q) coefficients times (Q, O * C) weights for each tap, one batched product."""
+    batch, regions, terms, taps = coeffs.shape
     out_channels, channels = weights[0].shape[1:]
-    filters = torch.einsum("bjqt,qjoc->jboct", coeffs, torch.stack(weights))
-    return filters.reshape(regions, batch, out_channels, channels, *kernel).transpose(0, 1)
+    stacked = torch.stack(weights, dim=1).view(regions, terms, -1)  # (m, Q, O * C)
+    by_tap = coeffs.permute(1, 3, 0, 2).reshape(regions, taps * batch, terms)  # (m, taps * B, Q)
+    filters = torch.bmm(by_tap, stacked).view(regions, taps, batch, out_channels, channels)
+    return filters.permute(0, 2, 3, 4, 1).reshape(regions, batch, out_channels, channels, *kernel).transpose(0, 1)
 
 
-def _factor_gradients(coeffs, weights, filters, grad_filters, need_coeffs: bool, need_weights: bool):
-    """The gradients of the factors from those of the filters they make: per (b, t, tap), <dF, W_q>; per (t, q),
-    sum over samples and taps of coeffs times dF."""
+def _factor_gradients(coeffs, weights, grad_filters, need_coeffs: bool, need_weights: bool):
+    """The gradients of the factors from those of the filters they make (m, B, O, C * taps): per (b, t, tap),
+    <dF, W_q>; per (t, q), the sum over samples and taps of coeffs times dF. Batched products per region."""
     if not (need_coeffs or need_weights):
         return None, None
-    regions, batch, out_channels, _ = grad_filters[0].shape
-    grad = grad_filters[0].view(regions, batch, out_channels, -1, coeffs.shape[-1])  # (m, B, O, C, taps)
-    stacked = torch.stack(weights)  # (Q, m, O, C)
-    grad_coeffs = torch.einsum("jboct,qjoc->bjqt", grad, stacked) if need_coeffs else None
-    grad_weights = list(torch.einsum("jboct,bjqt->qjoc", grad, coeffs).unbind(0)) if need_weights else None
+    batch, regions, terms, taps = coeffs.shape
+    grad = grad_filters[0].reshape(regions, batch, -1, taps).transpose(2, 3).reshape(regions, batch * taps, -1)
+    stacked = torch.stack(weights, dim=1).view(regions, terms, -1)  # (m, Q, O * C)
+    by_tap = coeffs.permute(1, 0, 3, 2).reshape(regions, batch * taps, terms)  # (m, B * taps, Q)
+    grad_coeffs = grad_weights = None
+    if need_coeffs:
+        grad_coeffs = torch.bmm(grad, stacked.transpose(1, 2)).view(regions, batch, taps, terms).permute(1, 0, 3, 2)
+    if need_weights:
+        grad_weights = list(torch.bmm(by_tap.transpose(1, 2), grad).view_as(stacked).unbind(1))
+        grad_weights = [w.view_as(weights[0]) for w in grad_weights]
     return grad_coeffs, grad_weights
 
 

@@ -204,44 +204,63 @@ inline void for_each_column(const int64_t* offsets, const int64_t* order, int64_
 
 }  // namespace
 
-// Region of each position (argmax over dim 1, ties to the lowest index, NaN wins like torch.argmax) and the
-// positions ordered by (region, sample, position). Returns (mask (B*P), order (N), offsets (m * B + 1)): segment
-// s = t * B + b holds columns [offsets[s], offsets[s + 1]), and order holds each column's position in its sample.
-std::vector<at::Tensor> route(const at::Tensor& guide_in) {
+// The region of each position, (B * P) int64: argmax over dim 1, ties to the lowest index and NaN winning as in
+// torch.argmax. Rows of positions are compared region by region, so the comparisons vectorise.
+at::Tensor region_mask(const at::Tensor& guide_in) {
   TORCH_CHECK(guide_in.dim() == 4, "guide must be (B, m, H', W')");
   const at::Tensor guide = guide_in.contiguous();
   const int64_t batch = guide.size(0), regions = guide.size(1), positions = guide.size(2) * guide.size(3);
-  const int64_t total = batch * positions, segments = regions * batch;
-  auto long_options = guide.options().dtype(at::kLong);
-  at::Tensor mask = at::empty({total}, long_options);
+  constexpr int64_t kRun = 256;
+  const int64_t runs = (positions + kRun - 1) / kRun;
+  at::Tensor mask = at::empty({batch * positions}, guide.options().dtype(at::kLong));
   int64_t* mask_p = mask.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(guide.scalar_type(), "route", [&] {
+  AT_DISPATCH_FLOATING_TYPES(guide.scalar_type(), "region_mask", [&] {
     const scalar_t* g = guide.data_ptr<scalar_t>();
-    at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const scalar_t* v = g + (n / positions) * regions * positions + n % positions;
-        int64_t best = 0;
-        scalar_t best_value = v[0];
-        for (int64_t t = 1; t < regions && !std::isnan(best_value); ++t) {
-          const scalar_t value = v[t * positions];
-          if (value > best_value || std::isnan(value)) {
-            best = t;
-            best_value = value;
+    at::parallel_for(0, batch * runs, 1, [&](int64_t begin, int64_t end) {
+      scalar_t best[kRun];
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t b = job / runs, first = (job % runs) * kRun, count = std::min(kRun, positions - first);
+        const scalar_t* sample = g + b * regions * positions + first;
+        int64_t* out = mask_p + b * positions + first;
+        for (int64_t i = 0; i < count; ++i) {
+          best[i] = sample[i];
+          out[i] = 0;
+        }
+        for (int64_t t = 1; t < regions; ++t) {
+          const scalar_t* value = sample + t * positions;
+          for (int64_t i = 0; i < count; ++i) {
+            // NaN wins once and stays: a later value never compares greater than a NaN best
+            const bool take = (value[i] > best[i] || (value[i] != value[i] && best[i] == best[i]));
+            best[i] = take ? value[i] : best[i];
+            out[i] = take ? t : out[i];
           }
         }
-        mask_p[n] = best;
       }
     });
   });
-  at::Tensor offsets = at::zeros({segments + 1}, long_options);
+  return mask;
+}
+
+// The positions ordered by (region, sample, position): (order (N), offsets (m * B + 1)); segment s = t * B + b
+// holds columns [offsets[s], offsets[s + 1]), and order holds each column's position in its sample. A counting
+// sort on the mask of region_mask.
+std::vector<at::Tensor> route(const at::Tensor& guide) {
+  const at::Tensor mask = region_mask(guide);
+  const int64_t batch = guide.size(0), regions = guide.size(1), positions = guide.size(2) * guide.size(3);
+  const int64_t segments = regions * batch;
+  const int64_t* mask_p = mask.data_ptr<int64_t>();
+  at::Tensor offsets = at::zeros({segments + 1}, mask.options());
   int64_t* off = offsets.data_ptr<int64_t>();
-  auto segment_of = [&](int64_t n) { return mask_p[n] * batch + n / positions; };
-  for (int64_t n = 0; n < total; ++n) off[segment_of(n) + 1]++;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t p = 0; p < positions; ++p) off[mask_p[b * positions + p] * batch + b + 1]++;
+  }
   for (int64_t s = 0; s < segments; ++s) off[s + 1] += off[s];
-  at::Tensor order = at::empty({total}, long_options);
+  at::Tensor order = at::empty({batch * positions}, mask.options());
   int64_t* order_p = order.data_ptr<int64_t>();
   std::vector<int64_t> next(off, off + segments);
-  for (int64_t n = 0; n < total; ++n) order_p[next[segment_of(n)]++] = n % positions;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t p = 0; p < positions; ++p) order_p[next[mask_p[b * positions + p] * batch + b]++] = p;
+  }
   return {mask, order, offsets};
 }
 
@@ -587,9 +606,9 @@ at::Tensor features_backward_coeffs(const at::Tensor& grad_features, const at::T
 }
 
 // g of Eq. 7 for stencil filters, (B, m, H', W'): for every region j at every position,
-// sum_q <weights[q][j]^T grad_out, sum_tap coeffs[b, j, q, tap] * x at the tap>. Per sample, the back-projections
-// of all (j, q) are one GEMM of stacked (m * Q * C, O) weights against grad_out (O, P); the stencils, with region
-// j's coefficients of that sample, are dense over each channel. A sample owns its scores.
+// sum_q <weights[q][j]^T grad_out, sum_tap coeffs[b, j, q, tap] * x at the tap>. The back-projections of all
+// (j, q) are one GEMM of stacked (m * Q * C, O) weights against grad_out's columns, a group of samples at a time;
+// the stencils, with region j's coefficients of the sample, are dense over each channel. A sample owns its scores.
 at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& stacked_in, const at::Tensor& x_in,
                                  const at::Tensor& coeffs_in, const std::vector<int64_t>& conv) {
   const at::Tensor x = x_in.contiguous(), coeffs = coeffs_in.contiguous(), grad = grad_in.contiguous();
@@ -603,33 +622,43 @@ at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& st
     const scalar_t* a = coeffs.data_ptr<scalar_t>();
     scalar_t* out = scores.data_ptr<scalar_t>();
     const scalar_t* st = stacked.data_ptr<scalar_t>();
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
     const int64_t rows = stacked.size(0);
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> values(P), back(rows * P);
-      for (int64_t b = begin; b < end; ++b) {
-        gemm<scalar_t>(false, false, rows, P, O, st, O, gp + b * O * P, P, scalar_t(0), back.data(), P);
-        const scalar_t* bp = back.data();
-        scalar_t* sums = out + b * regions * P;
-        std::fill(sums, sums + regions * P, scalar_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* channel = xp + (b * C + c) * HW;
-          for (int64_t j = 0; j < regions; ++j) {
-            for (int64_t q = 0; q < Q; ++q) {
-              stencil<false>(g, channel, a + ((b * regions + j) * Q + q) * T, values.data());
-              const scalar_t* row = bp + ((j * Q + q) * C + c) * P;
-              scalar_t* sum = sums + j * P;
-              for (int64_t p = 0; p < P; ++p) sum[p] += row[p] * values[p];
+    // Samples go through the GEMM together, at least kColumns positions at once: small maps (training at 32px)
+    // would otherwise make it a string of skinny products.
+    constexpr int64_t kColumns = 256;
+    const int64_t group = std::min(batch, (kColumns + P - 1) / P);
+    for (int64_t first = 0; first < batch; first += group) {
+      const int64_t count = std::min(group, batch - first), width = count * P;
+      const at::Tensor columns = grad.narrow(0, first, count).permute({1, 0, 2, 3}).reshape({O, width});
+      std::vector<scalar_t> back(rows * width);
+      gemm<scalar_t>(false, false, rows, width, O, st, O, columns.data_ptr<scalar_t>(), width, scalar_t(0),
+                     back.data(), width);
+      at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> values(P);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = first + i;
+          scalar_t* sums = out + b * regions * P;
+          std::fill(sums, sums + regions * P, scalar_t(0));
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* channel = xp + (b * C + c) * HW;
+            for (int64_t j = 0; j < regions; ++j) {
+              for (int64_t q = 0; q < Q; ++q) {
+                stencil<false>(g, channel, a + ((b * regions + j) * Q + q) * T, values.data());
+                const scalar_t* row = back.data() + ((j * Q + q) * C + c) * width + i * P;
+                scalar_t* sum = sums + j * P;
+                for (int64_t p = 0; p < P; ++p) sum[p] += row[p] * values[p];
+              }
             }
           }
         }
-      }
-    });
+      });
+    }
   });
   return scores;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("region_mask", &region_mask);
   m.def("route", &route);
   m.def("gather_features", &gather_features);
   m.def("bucket_matmul", &bucket_matmul);
