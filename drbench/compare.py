@@ -69,7 +69,7 @@ SEED_SPREADS = 2.0
 DEFAULT_THRESHOLD = 0.10
 
 ENVIRONMENT_KEYS = ("threads", "machine", "device_name", "cpu_model", "torch_version", "cuda_version",
-                    "cudnn_benchmark", "python_version", "region_conv_impl")
+                    "cudnn_benchmark", "python_version", "region_conv_impl", "drconv_impl")
 """Environment fields whose difference between the two sides the comparison reports."""
 
 METRIC_UNITS: dict[str, tuple[float, str]] = {

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import drbench
+from drbench.ops.drconv import default_drconv_impl
 from drbench.ops.functional import default_region_conv_impl
 
 _SOURCE_DIR = Path(drbench.__file__).resolve().parent
@@ -46,8 +47,10 @@ def capture_environment(device: str | torch.device) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "threads": torch.get_num_threads(),
-        # What DRConv cells run unless their options name an implementation (the fastest one for the device).
+        # What DRConv cells run unless their options name an implementation (the fastest one for the device): the
+        # region_conv2d implementation (mixture generator) and the layer's path (dynamic and static generators).
         "region_conv_impl": default_region_conv_impl(device.type),
+        "drconv_impl": default_drconv_impl(device.type),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

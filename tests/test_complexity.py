@@ -22,7 +22,7 @@ from drbench.measure.complexity import Complexity, complexity
 from drbench.measure.timing import fixed_threads
 from drbench.models import create_model
 from drbench.ops import CondConv2d, DRConv2d, LocalConv2d
-from drbench.ops.functional import region_conv_impls
+from drbench.ops.drconv import drconv_impls
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,6 +121,16 @@ def test_fvcore_macs_are_half_the_executed_flops_of_plain_convolutional_models(n
     assert cost.executed_flops == 2 * cost.macs
 
 
+def test_the_structured_path_reports_what_its_kernels_execute():
+    # Stencils of Q + 1 = 3 terms at every position (K = 3 * C per GEMM column), no filters made.
+    batch, c, o, k, m, hidden, out_hw = 2, 6, 5, 3, 4, 8, 8
+    layer = DRConv2d(c, o, k, padding=1, regions=m, hidden_channels=hidden, impl="structured")
+    cost = count(layer, (c, out_hw, out_hw), batch_size=batch)
+    gemms = batch * out_hw**2 * o * (hidden // m + 1) * c
+    guide = batch * m * c * k * k * out_hw**2
+    assert cost.executed_flops == 2 * (gemms + guide + batch * hidden * c * k * k)
+
+
 def test_drconv_counts_the_selected_filter_conv_guide_and_generator():
     batch, c, o, k, m, hidden, out_hw = 2, 6, 5, 3, 4, 8, 5
     layer = DRConv2d(c, o, k, stride=2, padding=1, regions=m, hidden_channels=hidden, impl="reference")
@@ -133,10 +143,10 @@ def test_drconv_counts_the_selected_filter_conv_guide_and_generator():
     assert cost.executed_flops == 2 * (m * selected_conv + guide + generator)
 
 
-@pytest.mark.parametrize("impl", region_conv_impls("cpu"))
+@pytest.mark.parametrize("impl", drconv_impls("cpu"))
 def test_every_region_conv_implementation_counts_the_same_algorithmic_cost(impl):
-    layer = DRConv2d(6, 5, 3, padding=1, regions=4, impl=impl)
-    reference = DRConv2d(6, 5, 3, padding=1, regions=4, impl="reference")
+    layer = DRConv2d(6, 5, 3, padding=1, regions=4, hidden_channels=8, impl=impl)
+    reference = DRConv2d(6, 5, 3, padding=1, regions=4, hidden_channels=8, impl="reference")
     assert count(layer, (6, 8, 8), batch_size=2).macs == count(reference, (6, 8, 8), batch_size=2).macs
 
 

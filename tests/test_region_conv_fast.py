@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import drbench.ops.region_conv_fast as fast
+from drbench.ops import region_conv_cpu
 from drbench.ops.functional import default_region_conv_impl, region_conv2d, region_conv_impls
 from test_region_conv import make_inputs as reference_test_inputs  # same case format as the reference's tests
 
@@ -181,12 +182,13 @@ def test_tiling_pads_little_when_regions_are_even_and_splits_a_dominant_region()
     assert split.slot_position.numel() < 2 * batch * positions
 
 
-def test_fast_is_the_default_implementation_on_cpu():
+def test_the_compiled_kernels_are_the_default_on_cpu_where_they_build_else_fast():
+    expected = "compiled" if region_conv_cpu.available() else "fast"
     (x, guide, filters), conv_args = make_inputs(CASES[0])
     out = region_conv2d(x.requires_grad_(), guide, filters, *conv_args)
-    assert type(out.grad_fn).__name__ == "RegionConv2dFastBackward"
+    assert type(out.grad_fn).__name__ == f"RegionConv2d{expected.capitalize()}Backward"
     torch.testing.assert_close(out, region_conv2d(x, guide, filters, *conv_args, impl="reference"))
-    assert default_region_conv_impl("cpu") == "fast"
+    assert default_region_conv_impl("cpu") == expected
 
 
 def test_cuda_prefers_the_triton_kernel_where_triton_is_installed():

@@ -50,7 +50,7 @@ NOT_COUNTED_OPS = (
     # element-wise arithmetic (residual and bias additions) and scalar shape arithmetic under tracing
     "aten::add", "aten::add_", "aten::mul",
     # data movement and selection
-    "aten::im2col", "aten::argmax",
+    "aten::im2col", "aten::argmax", "aten::new_ones",
 )
 """Operators that the published convention does not count: :func:`not_counted` is their handle.
 
@@ -69,6 +69,27 @@ def region_conv_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     _, _, out_channels, in_channels, kh, kw = get_shape(inputs[2])
     batch, _, out_h, out_w = get_shape(outputs[0])
     return batch * out_channels * in_channels * kh * kw * out_h * out_w
+
+
+def factored_region_conv_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """factored_region_conv2d(x, guide, [coeffs], [bias], *weights), the structured DRConv path: the paper's cost of
+    the layer it computes, as if the filters had been generated and applied. The selected-filter convolution,
+    B * O * C * kh * kw * H' * W', plus, with coefficients (B, m, Q + 1, kh * kw) (the dynamic generator), the
+    generator's grouped 1x1 conv, B * m * kh * kw * Q * O * C (its bias term is an addition, not counted); the
+    static generator's filters cost nothing to generate.
+
+    Tensors come in order: x and guide (4-d), coefficients (4-d, when given), bias (1-d, when given), weights (3-d).
+    """
+    shapes = [get_shape(value) for value in inputs]
+    x_shape = shapes[0]
+    coeffs = shapes[2] if len(shapes) > 2 and len(shapes[2]) == 4 else None
+    weights = [shape for shape in shapes if len(shape) == 3]
+    batch, out_channels, out_h, out_w = get_shape(outputs[0])
+    channels = x_shape[1]
+    taps = coeffs[3] if coeffs else weights[0][2] // channels
+    selected = batch * out_channels * channels * taps * out_h * out_w
+    generator = batch * coeffs[1] * taps * (len(weights) - 1) * out_channels * channels if coeffs else 0
+    return selected + generator
 
 
 def pairwise_einsum_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
@@ -101,6 +122,7 @@ def op_handles() -> dict[str, Handle]:
     handles["aten::einsum"] = pairwise_einsum_flop_jit
     handles["aten::baddbmm"] = baddbmm_flop_jit
     handles.update({name: region_conv_flop_jit for name in region_conv_op_names()})
+    handles["prim::PythonOp.FactoredRegionConv2d"] = factored_region_conv_flop_jit
     return handles
 
 

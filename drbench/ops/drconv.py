@@ -15,6 +15,7 @@ torch.Size([2, 14, 14])
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,6 +33,11 @@ STRUCTURED = "structured"
 factored_region_conv2d`): the ``dynamic`` and ``static`` generators, on CPU where the compiled kernels build."""
 
 
+@functools.cache
+def _default_impl(device_type: str, generator: str) -> str:
+    return default_drconv_impl(device_type, generator)  # once per process: a forward at batch 1 takes microseconds
+
+
 def drconv_impls(device_type: str | None = None) -> list[str]:
     """Every ``impl`` a :class:`DRConv2d` takes: the region_conv2d implementations, and "structured"; given a
     ``device_type``, only those that run there.
@@ -46,6 +52,19 @@ def drconv_impls(device_type: str | None = None) -> list[str]:
 def _conv_init_std(fan_in: int) -> float:
     """Std of ``nn.Conv2d``'s default weight init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), ...)."""
     return 1.0 / math.sqrt(3 * fan_in)
+
+
+def default_drconv_impl(device_type: str, generator: str = "dynamic") -> str:
+    """What a :class:`DRConv2d` with ``generator`` runs on tensors of ``device_type`` when no ``impl`` is named:
+    the structured path where it runs (dynamic and static generators), else the device's default region_conv2d
+    implementation.
+
+    >>> default_drconv_impl("meta")
+    'fast'
+    """
+    if generator != "mixture" and STRUCTURED in drconv_impls(device_type):
+        return STRUCTURED
+    return default_region_conv_impl(device_type)
 
 
 class DynamicFilterGenerator(nn.Module):
@@ -217,19 +236,10 @@ class DRConv2d(nn.Module):
         """The region selected at each output position (B, H', W') in the last forward; None before any."""
         return None if self._last_guide is None else self._last_guide.argmax(dim=1)
 
-    def path(self, device_type: str) -> str:
-        """The ``impl`` that runs on tensors of ``device_type``: the one asked for, else structured where it runs,
-        else the device's default region_conv2d implementation."""
-        if self.impl is not None:
-            return self.impl
-        if self.generator_name != "mixture" and STRUCTURED in drconv_impls(device_type):
-            return STRUCTURED
-        return default_region_conv_impl(device_type)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         guide = self.guide(x)
         self._last_guide = guide.detach()
-        impl = self.path(x.device.type)
+        impl = self.impl or _default_impl(x.device.type, self.generator_name)
         if impl == STRUCTURED:
             coeffs, weights = self.generator.factors(x)
             return factored_region_conv2d(x, guide, coeffs, weights, self.kernel_size, self.stride, self.padding,

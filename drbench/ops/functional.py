@@ -36,7 +36,7 @@ class _Implementation(NamedTuple):
 _IMPLEMENTATIONS: dict[str, _Implementation] = {}
 # Preferred implementations per device type, fastest first (measured: benchmarks/test_region_conv_bench.py); the
 # reference stays selectable by name (impl="reference").
-_PREFERRED_IMPLS = {"cuda": ("triton", "fast")}
+_PREFERRED_IMPLS = {"cuda": ("triton", "fast"), "cpu": ("compiled", "fast")}
 _PREFERRED_ELSEWHERE = ("fast",)
 
 
@@ -67,9 +67,10 @@ def region_conv_impls(device_type: str | None = None) -> list[str]:
 
 def default_region_conv_impl(device_type: str) -> str:
     """The implementation :func:`region_conv2d` runs on tensors of ``device_type`` when none is named: the fastest
-    correct one registered there. On CUDA that is the Triton kernel where triton is installed, else "fast".
+    correct one registered there. On CUDA that is the Triton kernel where triton is installed, on CPU the compiled
+    kernels where they build; else "fast".
 
-    >>> default_region_conv_impl("cpu")
+    >>> default_region_conv_impl("meta")
     'fast'
     """
     preferred = _PREFERRED_IMPLS.get(device_type, _PREFERRED_ELSEWHERE)

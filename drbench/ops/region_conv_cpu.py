@@ -41,6 +41,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
 from drbench.ops.functional import detached_unless_recorded, guide_gradient, register_region_conv_impl
 from drbench.ops.region_conv_fast import _Geometry, _region_scores
@@ -49,6 +50,25 @@ _SOURCE = Path(__file__).with_name("csrc") / "region_conv_cpu.cpp"
 # Most feature elements gathered at once in a forward that keeps nothing for backward: about 4 MB in float32, in the
 # last-level cache when the GEMMs read them, and a small part of a layer's input and output (peak memory).
 _CHUNK_ELEMENTS = 1 << 20
+
+
+@torch.library.custom_op("drbench::executed_macs", mutates_args=())
+def executed_macs(anchor: torch.Tensor, macs: int) -> None:
+    """Does nothing: it exists so that ``torch.utils.flop_counter.FlopCounterMode``, which sees only dispatcher
+    operators, can count the multiply-adds of the compiled kernels (``macs``, reported by their callers while a
+    dispatch mode is active; ``anchor`` gives the call a device)."""
+
+
+@register_flop_formula(torch.ops.drbench.executed_macs)
+def _executed_macs_flops(anchor_shape, macs: int, *args, **kwargs) -> int:
+    return 2 * macs
+
+
+def report_executed_macs(anchor: torch.Tensor, macs: int) -> None:
+    """Tell a counting dispatch mode (FlopCounterMode) that ``macs`` multiply-adds ran outside the dispatcher; a
+    no-op otherwise (no dispatcher call on the hot path)."""
+    if torch._C._len_torch_dispatch_stack():
+        executed_macs(anchor, int(macs))
 
 
 @functools.cache
@@ -129,6 +149,10 @@ def bucketed_forward(x, guide, coeffs, weights, kernel, stride, padding, dilatio
     taps = kernel[0] * kernel[1]
     feature_rows = len(weights) * channels if coeffs is not None and stencils else channels * taps
     step = batch if keep else _chunk_samples(batch, out_h * out_w * feature_rows)
+    with_coeffs = coeffs is not None and not stencils  # filters made per segment from Q factors
+    gemm_macs = out_h * out_w * out_channels * (feature_rows if coeffs is not None and stencils else channels * taps)
+    made = regions * out_channels * channels * taps * len(weights) if with_coeffs else 0
+    report_executed_macs(x, batch * (gemm_macs + made))
     routing = None
     for first in range(0, batch, step):
         part = slice(first, first + step)

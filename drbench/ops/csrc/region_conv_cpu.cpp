@@ -382,7 +382,9 @@ std::vector<at::Tensor> bucket_matmul_backward(const at::Tensor& grad, const at:
                                                bool need_weights) {
   const std::vector<at::Tensor> weights = last_dim_contiguous(weights_in);
   const int64_t O = weights[0].size(-2), N = features.size(1);
-  at::Tensor grad_features = need_features ? at::zeros_like(features) : at::Tensor();
+  // Every column belongs to one GEMM, which writes its features' gradient whole; a weight matrix whose GEMM has no
+  // columns is never written, so only the weights' gradients start at zero.
+  at::Tensor grad_features = need_features ? at::empty_like(features) : at::Tensor();
   std::vector<at::Tensor> grad_weights;
   for (const auto& w : weights) grad_weights.push_back(need_weights ? at::zeros(w.sizes(), w.options()) : at::Tensor());
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "bucket_matmul_backward", [&] {
