@@ -33,6 +33,8 @@ True
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -41,6 +43,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils import cpp_extension
 from torch.utils.flop_counter import register_flop_formula
 
 from drbench.ops.functional import detached_unless_recorded, guide_gradient, register_region_conv_impl
@@ -73,27 +76,38 @@ def report_executed_macs(anchor: torch.Tensor, macs: int) -> None:
 
 @functools.cache
 def extension() -> ModuleType | None:
-    """The compiled kernels, built on first call (tens of seconds, once: torch caches the build under
-    ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); None, with one warning, where they cannot be
-    built, or when ``DRBENCH_NO_COMPILE`` is set."""
+    """The compiled kernels; None, with one warning, where they cannot be built, or when ``DRBENCH_NO_COMPILE`` is
+    set.
+
+    The first call on a machine builds them (tens of seconds, with torch's C++ extension loader) into a folder
+    named after the source, the flags and torch's version, under ``TORCH_EXTENSIONS_DIR`` (default
+    ``~/.cache/torch_extensions``); later processes import the built module straight from there. That skips the
+    loader's lock and up-to-date check, which cost every process (each worker of a suite) a second, and which a
+    process killed while holding the lock would block forever.
+    """
     if os.environ.get("DRBENCH_NO_COMPILE"):
         return None
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT": the build targets it
     arch = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}.get(capability, [])
+    flags = ["-O3", "-fopenmp", *arch]
+    stamp = hashlib.sha256("\0".join([_SOURCE.read_text(), *flags, torch.__version__]).encode()).hexdigest()[:16]
+    name = f"drbench_region_conv_cpu_{capability.lower()}_{stamp}"
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    built = folder / f"{name}.so"
     try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name=f"drbench_region_conv_cpu_{capability.lower()}",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", *arch],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        if built.exists():
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        folder.mkdir(parents=True, exist_ok=True)
+        return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no headers, a failed build: all mean "not here"
+        lines = str(error).strip().splitlines()
         warnings.warn(f"drbench: the compiled region convolution could not be built ({type(error).__name__}: "
-                      f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the pure-torch "
-                      "implementations, which are slower", RuntimeWarning, stacklevel=2)
+                      f"{lines[-1] if lines else ''}); using the pure-torch implementations, which are slower",
+                      RuntimeWarning, stacklevel=2)
         return None
 
 

@@ -450,25 +450,27 @@ at::Tensor factored_filter_matmul(const at::Tensor& features, const at::Tensor& 
   return out;
 }
 
-// Columns (O, N) into out (B, O, H', W') (contiguous, written whole), plus a per-channel bias when defined.
+// Columns (O, N) into out (B, O, H', W') (contiguous, written whole), plus a per-channel bias when defined. A
+// (sample, channel) pair owns its output row and fills it from each region's segment while the row is in cache.
 void scatter_columns(const at::Tensor& columns, const at::Tensor& order, const at::Tensor& offsets, at::Tensor& out,
                      const c10::optional<at::Tensor>& bias_in) {
   TORCH_CHECK(out.is_contiguous(), "scatter_columns: out must be contiguous");
   const at::Tensor bias = optional_contiguous(bias_in);
   const int64_t batch = out.size(0), O = out.size(1), P = out.size(2) * out.size(3), N = columns.size(1);
+  const int64_t regions = (offsets.size(0) - 1) / batch;
   const int64_t* order_p = order.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(columns.scalar_type(), "scatter_columns", [&] {
     const scalar_t* from = columns.data_ptr<scalar_t>();
     scalar_t* to = out.data_ptr<scalar_t>();
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    for_each_segment(offsets.size(0) - 1, [&](int64_t s) {
-      const int64_t b = s % batch;
-      for (int64_t o = 0; o < O; ++o) {
+    at::parallel_for(0, batch * O, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t b = job / O, o = job % O;
         const scalar_t add = bp ? bp[o] : scalar_t(0);
         const scalar_t* row = from + o * N;
-        scalar_t* channel = to + (b * O + o) * P;
-        for (int64_t n = off[s]; n < off[s + 1]; ++n) channel[order_p[n]] = row[n] + add;
+        scalar_t* channel = to + job * P;
+        for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t p) { channel[p] = row[n] + add; });
       }
     });
   });
@@ -478,18 +480,19 @@ void scatter_columns(const at::Tensor& columns, const at::Tensor& order, const a
 at::Tensor gather_columns(const at::Tensor& grad_in, const at::Tensor& order, const at::Tensor& offsets) {
   const at::Tensor grad = grad_in.contiguous();
   const int64_t batch = grad.size(0), O = grad.size(1), P = grad.size(2) * grad.size(3), N = order.size(0);
+  const int64_t regions = (offsets.size(0) - 1) / batch;
   at::Tensor columns = at::empty({O, N}, grad.options());
   const int64_t* order_p = order.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "gather_columns", [&] {
     const scalar_t* from = grad.data_ptr<scalar_t>();
     scalar_t* to = columns.data_ptr<scalar_t>();
-    for_each_segment(offsets.size(0) - 1, [&](int64_t s) {
-      const int64_t b = s % batch;
-      for (int64_t o = 0; o < O; ++o) {
-        const scalar_t* channel = from + (b * O + o) * P;
+    at::parallel_for(0, batch * O, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t b = job / O, o = job % O;
+        const scalar_t* channel = from + job * P;
         scalar_t* row = to + o * N;
-        for (int64_t n = off[s]; n < off[s + 1]; ++n) row[n] = channel[order_p[n]];
+        for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t p) { row[n] = channel[p]; });
       }
     });
   });
