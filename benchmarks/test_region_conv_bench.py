@@ -37,7 +37,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drbench.measure.timing import fixed_threads, time_interleaved
+from drbench.measure.timing import fixed_threads, paired_ratio, time_interleaved
 from drbench.ops.functional import region_conv2d, region_conv_impls
 
 THREADS = 2
@@ -126,13 +126,6 @@ def conv_call(shape: Shape, operands: Operands):
     return call, (operands.x, operands.weight)
 
 
-def paired_ratio(candidate: tuple[float, ...], baseline: tuple[float, ...]) -> float:
-    """Median over rounds of candidate / baseline, each round's two blocks timed one after the other."""
-    ratios = sorted(c / b for c, b in zip(candidate, baseline))
-    middle = len(ratios) // 2
-    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
-
-
 def peak_allocated_bytes(run: Callable[[], object], device: torch.device) -> int:
     """The most bytes allocated at once while ``run`` executes (its result included), beyond those before."""
     if device.type == "cuda":
@@ -191,7 +184,7 @@ def test_region_conv(benchmark, timed, device, threads, shape: Shape, mode: str,
         # The whole budget, not an early stop once both look steady: a ratio of 5 rounds moved by 30% between runs.
         both = time_interleaved({"op": run, "conv": conv}, device=device, budget_s=RATIO_BUDGET_S, warmup=1,
                                 min_blocks=5, target_rel_iqr=0.0)
-        info.update(ratio_vs_conv=paired_ratio(both["op"].samples, both["conv"].samples),
+        info.update(ratio_vs_conv=paired_ratio(both["op"], both["conv"]),
                     op_median_s=both["op"].median, conv_median_s=both["conv"].median, rounds=len(both["op"].samples))
     if mode == "forward":
         out_numel = shape.batch * shape.out_channels * shape.size * shape.size

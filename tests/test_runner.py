@@ -11,6 +11,8 @@ import torch
 from drbench.config import load_config
 from drbench.measure.complexity import complexity
 from drbench.models import create_model
+from drbench.ops.drconv import default_drconv_impl
+from drbench.ops.functional import default_region_conv_impl
 from drbench.results import ResultsStore, StoreLockedError, read_records
 from drbench.runner import _sigint_deferred, plan, resolve_device, run_suite
 from drbench.suite import parse_suite
@@ -44,7 +46,9 @@ def test_each_cell_is_stored_once_and_a_second_run_adds_nothing(config):
     assert record["status"] == "ok" and record["metrics"]["latency"]["value"] > 0
     assert len(record["metrics"]["latency"]["samples"]) >= 2
     assert record["env"]["threads"] == 1 == record["metrics"]["latency"]["threads"]
-    assert record["env"]["region_conv_impl"] == "fast"  # what a drconv cell without an impl option ran
+    # what a drconv cell without an impl option ran
+    assert record["env"]["drconv_impl"] == default_drconv_impl("cpu")
+    assert record["env"]["region_conv_impl"] == default_region_conv_impl("cpu")
     assert record["metric_settings"]["latency"]["budget_s"] == 0.02
 
     second = run_suite(suite, config)

@@ -253,6 +253,17 @@ def time_interleaved(
     }
 
 
+def paired_ratio(candidate: LatencyMeasurement, baseline: LatencyMeasurement) -> float:
+    """Median over rounds of candidate / baseline, each round's two blocks timed one after the other (the two
+    measurements of one :func:`time_interleaved` call): the machine's drift divides out of each round.
+
+    >>> fast, slow = LatencyMeasurement((1.0, 2.0, 9.0), 1, 0, 1, 1, "cpu"), LatencyMeasurement((2.0, 4.0, 3.0), 1, 0, 1, 1, "cpu")
+    >>> paired_ratio(fast, slow)
+    0.5
+    """
+    return _quantile([c / b for c, b in zip(candidate.samples, baseline.samples)], 0.5)
+
+
 def _calls_per_block(fn: Callable[[], object], timer: BlockTimer, warmup: int) -> int:
     """Run the warm-up calls; from the last one's duration choose how many calls make a block of MIN_BLOCK_S."""
     for _ in range(max(warmup - 1, 0)):
