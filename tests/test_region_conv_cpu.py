@@ -121,8 +121,8 @@ def test_float32_matches_reference_loosely(case, forward_way):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_without_gradients_matches_reference(case, forward_way, monkeypatch):
-    # without autograd the forward keeps nothing and goes a chunk of samples at a time: force one sample a chunk
-    monkeypatch.setattr(region_conv_cpu, "_CHUNK_ELEMENTS", 1)
+    # without autograd the forward keeps nothing and goes a block of rows at a time: force one row a block
+    monkeypatch.setattr(region_conv_cpu, "_BLOCK_ELEMENTS", 1)
     layer = make_layer(case, "dynamic", torch.float64)
     x = torch.randn(case.batch, case.channels, *case.size, dtype=torch.float64)
     with torch.no_grad():

@@ -50,9 +50,9 @@ from drbench.ops.functional import detached_unless_recorded, guide_gradient, reg
 from drbench.ops.region_conv_fast import _Geometry, _region_scores
 
 _SOURCE = Path(__file__).with_name("csrc") / "region_conv_cpu.cpp"
-# Most feature elements gathered at once in a forward that keeps nothing for backward: about 4 MB in float32, in the
-# last-level cache when the GEMMs read them, and a small part of a layer's input and output (peak memory).
-_CHUNK_ELEMENTS = 1 << 20
+# Features and results of one block of output rows in a forward that keeps nothing for backward: 256 KB in float32,
+# so that they stay in a core's L2 cache (1 MB here) from gathering to writing out.
+_BLOCK_ELEMENTS = 1 << 16
 
 
 @torch.library.custom_op("drbench::executed_macs", mutates_args=())
@@ -125,10 +125,6 @@ def conv_args(kernel: Sequence[int], stride, padding, dilation) -> list[int]:
     return [*kernel, *stride, *padding, *dilation]
 
 
-def _chunk_samples(batch: int, per_sample_elements: int) -> int:
-    return max(1, min(batch, _CHUNK_ELEMENTS // max(1, per_sample_elements)))
-
-
 class Routing(NamedTuple):
     """What a forward keeps for backward: each position's region (B*P), the positions in (region, sample) order
     (N), the segments' first columns (m * B + 1) and the feature columns (K, N)."""
@@ -142,8 +138,8 @@ class Routing(NamedTuple):
 def bucketed_forward(x, guide, coeffs, weights, kernel, stride, padding, dilation, *, per_sample: bool = False,
                      stencils: bool = True, bias=None, keep: bool = False):
     """The layer's output (B, O, H', W') (plus ``bias`` per channel when given), and when ``keep`` the routing and
-    features that :func:`bucketed_backward` needs; without ``keep`` samples are done a chunk at a time, so that the
-    features never exceed a few MB.
+    features that :func:`bucketed_backward` needs. Without ``keep`` the compiled ``blocked_forward`` does a block of
+    output rows at a time, in cache; with it, the whole batch's features are made once and kept.
 
     Three ways, by the arguments:
 
@@ -155,34 +151,31 @@ def bucketed_forward(x, guide, coeffs, weights, kernel, stride, padding, dilatio
       (m, B, O, C * taps) when ``per_sample``.
     """
     ext = extension()
-    batch, regions = guide.shape[:2]
-    out_h, out_w = guide.shape[-2:]
     conv = conv_args(kernel, stride, padding, dilation)
-    channels, out_channels = x.shape[1], weights[0].shape[-2]
-    out = x.new_empty(batch, out_channels, out_h, out_w)
-    taps = kernel[0] * kernel[1]
-    feature_rows = len(weights) * channels if coeffs is not None and stencils else channels * taps
-    step = batch if keep else _chunk_samples(batch, out_h * out_w * feature_rows)
-    with_coeffs = coeffs is not None and not stencils  # filters made per segment from Q factors
-    gemm_macs = out_h * out_w * out_channels * (feature_rows if coeffs is not None and stencils else channels * taps)
-    made = regions * out_channels * channels * taps * len(weights) if with_coeffs else 0
-    report_executed_macs(x, batch * (gemm_macs + made))
-    routing = None
-    for first in range(0, batch, step):
-        part = slice(first, first + step)
-        part_coeffs = None if coeffs is None else coeffs[part]
-        mask, order, offsets = ext.route(guide[part])
-        features = ext.gather_features(x[part], mask, order, offsets, part_coeffs if stencils else None, conv,
-                                       out_h, out_w)
-        if part_coeffs is not None and not stencils:
-            columns = ext.factored_filter_matmul(features, offsets, part_coeffs, weights)
-        else:
-            part_weights = [w[:, part] for w in weights] if per_sample else weights
-            columns = ext.bucket_matmul(features, offsets, part_weights, regions, per_sample)
-        ext.scatter_columns(columns, order, offsets, out[part], bias)
-        if keep:
-            routing = Routing(mask, order, offsets, features)
-    return out, routing
+    report_executed_macs(x, _executed_macs(x, guide, coeffs, weights, kernel, stencils))
+    if not keep:
+        return ext.blocked_forward(x, guide, coeffs, weights, per_sample, stencils, conv, bias, _BLOCK_ELEMENTS), None
+    regions = guide.shape[1]
+    out = x.new_empty(x.shape[0], weights[0].shape[-2], *guide.shape[-2:])
+    mask, order, offsets = ext.route(guide)
+    features = ext.gather_features(x, mask, order, offsets, coeffs if stencils else None, conv, *guide.shape[-2:])
+    if coeffs is not None and not stencils:
+        columns = ext.factored_filter_matmul(features, offsets, coeffs, weights)
+    else:
+        columns = ext.bucket_matmul(features, offsets, weights, regions, per_sample)
+    ext.scatter_columns(columns, order, offsets, out, bias)
+    return out, Routing(mask, order, offsets, features)
+
+
+def _executed_macs(x, guide, coeffs, weights, kernel, stencils: bool) -> int:
+    """Multiply-adds the compiled forward runs: its GEMMs (Q * C or C * taps per output channel and position) and,
+    when it makes filters from factors, those (m per sample, Q * O * C * taps each)."""
+    batch, channels = x.shape[:2]
+    positions, taps = guide.shape[-2] * guide.shape[-1], kernel[0] * kernel[1]
+    out_channels = weights[0].shape[-2]
+    rows = len(weights) * channels if coeffs is not None and stencils else channels * taps
+    made = guide.shape[1] * len(weights) * out_channels * channels * taps if coeffs is not None and not stencils else 0
+    return batch * (positions * out_channels * rows + made)
 
 
 def bucketed_backward(grad_out, x, coeffs, weights, per_sample: bool, routing: Routing, kernel, stride, padding,

@@ -133,17 +133,19 @@ at::Tensor optional_contiguous(const c10::optional<at::Tensor>& tensor) {
 }
 
 // Calls fn(tap, first position, first source, count) for every run of output positions along a row whose tap
-// reads inside the image: positions first + k read the channel at source + k * stride, for k < count. Dense
+// reads inside the image: positions first + k read the channel at source + k * stride, for k < count. Output rows
+// [row_begin, row_end) only (all by default). Dense
 // stencils over whole rows vectorise where per-position lookups would not.
 template <typename F>
-void for_each_tap_run(const Geometry& g, F fn) {
+void for_each_tap_run(const Geometry& g, F fn, int64_t row_begin = 0, int64_t row_end = -1) {
+  if (row_end < 0) row_end = g.out_h;
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) {
       const int64_t shift = j * g.dw - g.pw;  // input column of output column wo: wo * sw + shift
       const int64_t lo = shift >= 0 ? 0 : (-shift + g.sw - 1) / g.sw;
       const int64_t hi = g.width - 1 - shift < 0 ? -1 : std::min(g.out_w - 1, (g.width - 1 - shift) / g.sw);
       if (hi < lo) continue;
-      for (int64_t ho = 0; ho < g.out_h; ++ho) {
+      for (int64_t ho = row_begin; ho < row_end; ++ho) {
         const int64_t h = ho * g.sh - g.ph + i * g.dh;
         if (h < 0 || h >= g.height) continue;
         fn(i * g.kw + j, ho * g.out_w + lo, h * g.width + lo * g.sw + shift, hi - lo + 1);
@@ -369,6 +371,129 @@ at::Tensor bucket_matmul(const at::Tensor& features, const at::Tensor& offsets,
         gemm<scalar_t>(false, false, O, count, width, w.data, w.stride, f + row * N + first, N,
                        scalar_t(i == 0 ? 0 : 1), o + first, N);
         row += width;
+      }
+    });
+  });
+  return out;
+}
+
+// A forward that nothing will differentiate, a block of output rows of one sample at a time, everything between
+// reading x and writing out kept in cache: the block's positions sorted by region (a counting sort), their features
+// gathered into columns, one GEMM per region present, the results written into the block's rows of out. This
+// avoids the whole-batch feature and column matrices, whose passes through memory dominate layers with few
+// channels. Ways as in bucketed_forward (Python): stencils (coeffs and stencils), filters made per (sample, region)
+// from the factors (coeffs, not stencils), or given filters (no coeffs; weights (m, O, K), or (m, B, O, K) when
+// per_sample). Blocks run side by side, one thread each.
+at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, const c10::optional<at::Tensor>& coeffs_in,
+                           const std::vector<at::Tensor>& weights_in, bool per_sample, bool stencils,
+                           const std::vector<int64_t>& conv, const c10::optional<at::Tensor>& bias_in,
+                           int64_t block_elements) {
+  const at::Tensor x = x_in.contiguous(), coeffs = optional_contiguous(coeffs_in), bias = optional_contiguous(bias_in);
+  const std::vector<at::Tensor> weights = last_dim_contiguous(weights_in);
+  const Geometry g = make_geometry(x, conv, guide.size(2), guide.size(3));
+  const int64_t batch = g.batch, C = g.channels, T = g.taps(), P = g.positions(), HW = g.pixels();
+  const int64_t regions = guide.size(1), O = weights[0].size(-2);
+  const bool with_coeffs = coeffs.defined(), make_filters = with_coeffs && !stencils;
+  const int64_t Q = with_coeffs ? coeffs.size(2) : 0;
+  const int64_t K = with_coeffs && stencils ? Q * C : C * T;
+  const at::Tensor mask = region_mask(guide);
+  // rows per block: features and results of about block_elements, at least one row
+  const int64_t rows_per_block = std::max<int64_t>(1, block_elements / ((K + O) * g.out_w));
+  const int64_t blocks = (g.out_h + rows_per_block - 1) / rows_per_block;
+  at::Tensor out = at::empty({batch, O, g.out_h, g.out_w}, x.options());
+  const int64_t* mask_p = mask.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "blocked_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* a = with_coeffs ? coeffs.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> features, results, values, coefs, filter;
+      std::vector<int64_t> order, offsets(regions + 1);
+      std::vector<int32_t> sources;
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t b = job / blocks, row_begin = (job % blocks) * rows_per_block;
+        const int64_t row_end = std::min(g.out_h, row_begin + rows_per_block);
+        const int64_t p0 = row_begin * g.out_w, n = (row_end - row_begin) * g.out_w;
+        const int64_t* region = mask_p + b * P + p0;
+        // counting sort of the block's positions by region; order holds positions relative to p0
+        std::fill(offsets.begin(), offsets.end(), 0);
+        for (int64_t j = 0; j < n; ++j) offsets[region[j] + 1]++;
+        for (int64_t t = 0; t < regions; ++t) offsets[t + 1] += offsets[t];
+        order.resize(n);
+        {
+          std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+          for (int64_t j = 0; j < n; ++j) order[next[region[j]]++] = j;
+        }
+        features.resize(K * n);
+        if (with_coeffs && stencils) {
+          coefs.resize(Q * T * n);
+          for (int64_t j = 0; j < n; ++j) {
+            const scalar_t* coef = a + (b * regions + region[j]) * Q * T;
+            for (int64_t k = 0; k < Q * T; ++k) coefs[k * n + j] = coef[k];
+          }
+          values.resize(n);
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* channel = xp + (b * C + c) * HW;
+            for (int64_t q = 0; q < Q; ++q) {
+              std::fill(values.begin(), values.end(), scalar_t(0));
+              for_each_tap_run(g, [&](int64_t tap, int64_t first, int64_t source, int64_t count) {
+                axpy_run<true>(values.data() + first - p0, coefs.data() + (q * T + tap) * n + first - p0,
+                               channel + source, count, g.sw);
+              }, row_begin, row_end);
+              scalar_t* row = features.data() + (q * C + c) * n;
+              for (int64_t i = 0; i < n; ++i) row[i] = values[order[i]];
+            }
+          }
+        } else {
+          sources.resize(n * T);
+          for (int64_t i = 0; i < n; ++i) tap_sources(g, p0 + order[i], sources.data() + i * T);
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* channel = xp + (b * C + c) * HW;
+            for (int64_t tap = 0; tap < T; ++tap) {
+              scalar_t* row = features.data() + (c * T + tap) * n;
+              for (int64_t i = 0; i < n; ++i) {
+                const int32_t from = sources[i * T + tap];
+                row[i] = from >= 0 ? channel[from] : scalar_t(0);
+              }
+            }
+          }
+        }
+        results.resize(O * n);
+        for (int64_t t = 0; t < regions; ++t) {
+          const int64_t first = offsets[t], count = offsets[t + 1] - offsets[t];
+          if (count == 0) continue;
+          if (make_filters) {  // filter[o, c * T + tap] = sum_q coeffs[b, t, q, tap] * weights[q][t][o, c]
+            filter.resize(O * C * T);
+            const scalar_t* coef = a + (b * regions + t) * Q * T;
+            std::vector<const scalar_t*> factor(Q);  // (O, C) matrices with rows of C: weights from unbind
+            for (int64_t q = 0; q < Q; ++q) factor[q] = matrix<scalar_t>(weights[q], t).data;
+            for (int64_t tap = 0; tap < T; ++tap) {
+              for (int64_t k = 0; k < O * C; ++k) {
+                scalar_t value = 0;
+                for (int64_t q = 0; q < Q; ++q) value += coef[q * T + tap] * factor[q][k];
+                filter[k * T + tap] = value;
+              }
+            }
+            gemm<scalar_t>(false, false, O, count, C * T, filter.data(), C * T, features.data() + first, n,
+                           scalar_t(0), results.data() + first, n);
+            continue;
+          }
+          int64_t row = 0;
+          for (size_t i = 0; i < weights.size(); ++i) {
+            const Matrix<scalar_t> w = per_sample ? matrix<scalar_t>(weights[i], t, b) : matrix<scalar_t>(weights[i], t);
+            const int64_t width = weights[i].size(-1);
+            gemm<scalar_t>(false, false, O, count, width, w.data, w.stride, features.data() + row * n + first, n,
+                           scalar_t(i == 0 ? 0 : 1), results.data() + first, n);
+            row += width;
+          }
+        }
+        for (int64_t o = 0; o < O; ++o) {
+          const scalar_t add = bp ? bp[o] : scalar_t(0);
+          const scalar_t* from = results.data() + o * n;
+          scalar_t* to = op + (b * O + o) * P + p0;
+          for (int64_t i = 0; i < n; ++i) to[order[i]] = from[i] + add;
+        }
       }
     });
   });
@@ -667,6 +792,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route", &route);
   m.def("gather_features", &gather_features);
   m.def("bucket_matmul", &bucket_matmul);
+  m.def("blocked_forward", &blocked_forward);
   m.def("bucket_matmul_backward", &bucket_matmul_backward);
   m.def("factored_filter_matmul", &factored_filter_matmul);
   m.def("scatter_columns", &scatter_columns);
