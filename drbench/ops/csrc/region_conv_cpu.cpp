@@ -43,6 +43,30 @@ inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// Products with a handful of columns (the positions of one region in a small map at batch 1) are bound by reading
+// A, the weights; the BLAS's GEMM packs A first and took seven times as long as one read of it here. Below this many
+// columns, each row of A is read once and dotted with the (transposed, cached) columns of B.
+constexpr int64_t kSkinnyColumns = 8;
+
+template <typename scalar_t>
+void skinny_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+                 scalar_t beta, scalar_t* C, int64_t ldc) {
+  std::vector<scalar_t> columns(N * K);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t j = 0; j < N; ++j) columns[j * K + k] = B[k * ldb + j];
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    const scalar_t* row = A + i * lda;
+    for (int64_t j = 0; j < N; ++j) {
+      const scalar_t* column = columns.data() + j * K;
+      scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < K; ++k) sum += row[k] * column[k];
+      C[i * ldc + j] = beta == scalar_t(0) ? sum : sum + beta * C[i * ldc + j];
+    }
+  }
+}
+
 // Row-major C (M x N, row stride ldc) = op(A) (M x K) @ op(B) (K x N) + beta * C, op transposing a matrix stored
 // row-major with row stride lda / ldb; a column-major BLAS computes it as C^T = op(B)^T op(A)^T.
 template <typename scalar_t>
@@ -53,6 +77,10 @@ void gemm(bool transpose_a, bool transpose_b, int64_t M, int64_t N, int64_t K, c
     for (int64_t i = 0; i < M; ++i) {
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == scalar_t(0) ? scalar_t(0) : beta * C[i * ldc + j];
     }
+    return;
+  }
+  if (!transpose_a && !transpose_b && N <= kSkinnyColumns) {
+    skinny_gemm(M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
@@ -169,6 +197,25 @@ inline void axpy_run(scalar_t* __restrict__ to, const scalar_t* __restrict__ wei
     return;
   }
   for (int64_t k = 0; k < count; ++k) to[k] += (kPerPosition ? weights[k] : weights[0]) * from[k * stride];
+}
+
+// filter[k * T + tap] = sum_q coef[q * T + tap] * factors[q][k], for k < size: one (sample, region) filter made
+// from its factors; a 1x1 filter (T = 1) as Q vectorised passes over the output.
+template <typename scalar_t>
+void make_filter(const std::vector<const scalar_t*>& factors, const scalar_t* coef, int64_t Q, int64_t T,
+                 int64_t size, scalar_t* filter) {
+  if (T == 1) {
+    for (int64_t k = 0; k < size; ++k) filter[k] = coef[0] * factors[0][k];
+    for (int64_t q = 1; q < Q; ++q) axpy_run<false>(filter, coef + q, factors[q], size, 1);
+    return;
+  }
+  for (int64_t k = 0; k < size; ++k) {
+    for (int64_t tap = 0; tap < T; ++tap) {
+      scalar_t value = 0;
+      for (int64_t q = 0; q < Q; ++q) value += coef[q * T + tap] * factors[q][k];
+      filter[k * T + tap] = value;
+    }
+  }
 }
 
 // out[p] = sum_tap coef(tap, p) * channel at tap of p, over every output position p; coef(tap, p) is
@@ -408,11 +455,18 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> features, results, values, coefs, filter;
+      std::vector<scalar_t> features, results, values, coefs, filters;
       std::vector<int64_t> order, offsets(regions + 1);
       std::vector<int32_t> sources;
+      std::vector<char> made(regions);  // filters of sample `made_for` made so far, by region
+      int64_t made_for = -1;
       for (int64_t job = begin; job < end; ++job) {
         const int64_t b = job / blocks, row_begin = (job % blocks) * rows_per_block;
+        if (make_filters && made_for != b) {  // a thread's blocks of one sample share its filters
+          filters.resize(regions * O * C * T);
+          std::fill(made.begin(), made.end(), 0);
+          made_for = b;
+        }
         const int64_t row_end = std::min(g.out_h, row_begin + rows_per_block);
         const int64_t p0 = row_begin * g.out_w, n = (row_end - row_begin) * g.out_w;
         const int64_t* region = mask_p + b * P + p0;
@@ -464,19 +518,15 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
           const int64_t first = offsets[t], count = offsets[t + 1] - offsets[t];
           if (count == 0) continue;
           if (make_filters) {  // filter[o, c * T + tap] = sum_q coeffs[b, t, q, tap] * weights[q][t][o, c]
-            filter.resize(O * C * T);
-            const scalar_t* coef = a + (b * regions + t) * Q * T;
-            std::vector<const scalar_t*> factor(Q);  // (O, C) matrices with rows of C: weights from unbind
-            for (int64_t q = 0; q < Q; ++q) factor[q] = matrix<scalar_t>(weights[q], t).data;
-            for (int64_t tap = 0; tap < T; ++tap) {
-              for (int64_t k = 0; k < O * C; ++k) {
-                scalar_t value = 0;
-                for (int64_t q = 0; q < Q; ++q) value += coef[q * T + tap] * factor[q][k];
-                filter[k * T + tap] = value;
-              }
+            scalar_t* filter = filters.data() + t * O * C * T;
+            if (!made[t]) {
+              std::vector<const scalar_t*> factor(Q);  // (O, C) matrices with rows of C: weights from unbind
+              for (int64_t q = 0; q < Q; ++q) factor[q] = matrix<scalar_t>(weights[q], t).data;
+              make_filter(factor, a + (b * regions + t) * Q * T, Q, T, O * C, filter);
+              made[t] = 1;
             }
-            gemm<scalar_t>(false, false, O, count, C * T, filter.data(), C * T, features.data() + first, n,
-                           scalar_t(0), results.data() + first, n);
+            gemm<scalar_t>(false, false, O, count, C * T, filter, C * T, features.data() + first, n, scalar_t(0),
+                           results.data() + first, n);
             continue;
           }
           int64_t row = 0;
@@ -562,13 +612,7 @@ at::Tensor factored_filter_matmul(const at::Tensor& features, const at::Tensor& 
       const scalar_t* coef = a + (b * regions + t) * Q * T;
       std::vector<const scalar_t*> w(Q);
       for (int64_t q = 0; q < Q; ++q) w[q] = weights[q].data_ptr<scalar_t>() + t * O * C;
-      for (int64_t tap = 0; tap < T; ++tap) {  // one pass writing the filter, reading each factor once
-        for (int64_t k = 0; k < O * C; ++k) {
-          scalar_t value = 0;
-          for (int64_t q = 0; q < Q; ++q) value += coef[q * T + tap] * w[q][k];
-          filter[k * T + tap] = value;
-        }
-      }
+      make_filter(w, coef, Q, T, O * C, filter.data());
       gemm<scalar_t>(false, false, O, count, C * T, filter.data(), C * T, feats + first, N, scalar_t(0), o + first, N);
     });
   });
