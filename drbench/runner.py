@@ -38,7 +38,8 @@ from drbench.config import Config
 from drbench.environment import capture_environment
 from drbench.executors import Dispatch, PartOutcome, job_device
 from drbench.measure.timing import fixed_threads
-from drbench.results import SCHEMA_VERSION, ResultsStore, new_run_id, resume_key
+from drbench.record import SCHEMA_VERSION
+from drbench.results import ResultsStore, new_run_id, resume_key
 from drbench.suite import Cell, Suite, matches, parse_filter
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from drbench.measure.timing import LatencyMeasurement
-from drbench.results import SCHEMA_VERSION, RunWriter
+from drbench.record import SCHEMA_VERSION
+from drbench.results import RunWriter
 from drbench.suite import config_hash
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
