@@ -423,7 +423,7 @@ def _commit_side(spec: str, results_dir: Path, repo: str | Path | None) -> Side:
 def _git_commit(ref: str, repo: str | Path | None) -> str | None:
     """The full hash git gives ``ref``, or None when git does not know it (or there is no git)."""
     try:
-        return run_git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", repo=repo) or None
+        return run_git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", repo=repo) or None
     except (OSError, subprocess.SubprocessError):
         return None
 

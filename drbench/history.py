@@ -36,6 +36,7 @@ from drbench.compare import (
     shorten_labels,
 )
 from drbench.environment import run_git
+from drbench.record import is_commit
 from drbench.results import read_records
 from drbench.suite import matches, parse_filter
 
@@ -125,10 +126,11 @@ def build_history(records: Iterable[Mapping[str, Any]], metric: str = "latency",
 
 def commit_positions(commits: set[str], repo: str | Path | None = None) -> dict[str, int] | None:
     """Each commit's position in git history, oldest first; None when git does not know all of them."""
-    if not commits:
+    if not commits or not all(map(is_commit, commits)):  # a record's text never reaches git as an option
         return None
     try:
-        listed = run_git("rev-list", "--topo-order", "--reverse", *sorted(commits), repo=repo).split()
+        listed = run_git("rev-list", "--topo-order", "--reverse", "--end-of-options", *sorted(commits),
+                         repo=repo).split()
     except (OSError, subprocess.SubprocessError):
         return None
     positions = {commit: index for index, commit in enumerate(listed)}

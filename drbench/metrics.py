@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from drbench.config import Config
+from drbench.config import BudgetSeconds, Config, MinBlocks, RelativeIqr, WarmupCalls
 from drbench.measure.memory import forward_peak_memory
 from drbench.measure.timing import forward_latency, train_step_latency
 
@@ -139,10 +139,10 @@ class ComplexitySettings(MetricSettings):
 class LatencySettings(MetricSettings):
     """Defaults from ``[timing]`` in drbench.toml; ``training`` adds the latency of a training step."""
 
-    budget_s: float
-    warmup: int
-    min_blocks: int
-    target_rel_iqr: float
+    budget_s: BudgetSeconds
+    warmup: WarmupCalls
+    min_blocks: MinBlocks
+    target_rel_iqr: RelativeIqr
     training: bool = False
 
 

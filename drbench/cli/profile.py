@@ -7,10 +7,9 @@ import warnings
 from typing import Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from drbench.cli.app import app, console, err_console, fail, list_app
+from drbench.cli.app import app, console, fail, list_app, warn
 from drbench.cli.options import op_options
 from drbench.measure.complexity import Complexity, complexity
 from drbench.models import create_model, get_model, list_models
@@ -48,7 +47,7 @@ def _print_tables(title: str, cost: Complexity, by_layer: bool) -> None:
         console.print(layers)
     if cost.unsupported_ops:
         listed = ", ".join(f"{name} x{count}" for name, count in cost.unsupported_ops.items())
-        err_console.print(f"[yellow]warning:[/] not counted (no rule): {escape(listed)}", highlight=False)
+        warn(f"not counted (no rule): {listed}")
 
 
 @app.command("profile")
@@ -78,7 +77,7 @@ def profile_command(
             warnings.simplefilter("ignore")  # unsupported operators are reported from cost.unsupported_ops
             cost = complexity(network, size, batch_size=batch_size)
     except (ValueError, TypeError) as error:
-        fail(escape(str(error)))
+        fail(str(error))
     arguments: dict[str, Any] = {
         "model": model, "width": width, "op": op, "op_options": options, "placement": placement,
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,14 +12,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from drbench.cli.app import app, console, err_console, fail, list_app
+from drbench.cli.app import app, console, err_console, fail, list_app, store_warnings, warn
 from drbench.cli.options import (
     CONFIG_OPTION, DEVICE_OPTION, RESULTS_DIR_OPTION, THREADS_OPTION, load_cli_config, load_cli_suite,
 )
+from drbench.config import Config
 from drbench.executors import ExecutorError, interference_warning
-from drbench.results import StoreLockedError, StoreWarning, load
-from drbench.runner import RunInterrupted, plan, run_suite
+from drbench.results import StoreLockedError, load
+from drbench.runner import RunInterrupted, RunSummary, plan, run_suite
 from drbench.suite import CELL_KEYS, Cell, Suite, SuiteError, list_suites, load_suite, option_names
 
 @app.command("run")
@@ -53,15 +54,34 @@ def run_command(
                      workers=workers, timeout=timeout, gpus=gpus, partition=partition, slurm_time=slurm_time,
                      gpus_per_task=gpus_per_task, array_parallelism=array_parallelism)
     loaded = load_cli_suite(suite, config)
+    with store_warnings():
+        summary = _run(loaded, config, device, only, force, results_dir, dry_run)
+    if summary is None:
+        return
+    where = f" -> {summary.results_file}" if summary.results_file else ""
+    console.print(Text(
+        f"{loaded.name}: {summary.ok + summary.errors} cells measured ({summary.errors} errors), "
+        f"{summary.skipped} already stored, in {summary.duration_s:.1f} s{where}"),
+        highlight=False,
+    )
+    if summary.errors:
+        for message in summary.error_messages:
+            err_console.print(f"[red]error:[/] {escape(message)}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _run(loaded: Suite, config: Config, device: Optional[str], only: Optional[str], force: bool,
+         results_dir: Optional[Path], dry_run: bool) -> RunSummary | None:
+    """Plan (``dry_run``: print the plan and return None) or run the suite; errors end the command."""
     try:
         if dry_run:
             _print_plan(loaded, plan(loaded, config, device=device, only=only, force=force, results_dir=results_dir))
-            return
+            return None
         if warning := interference_warning(list(loaded.metrics), config):
-            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+            warn(warning)
         with _RichObserver() as observer:
-            summary = run_suite(loaded, config, device=device, only=only, force=force, results_dir=results_dir,
-                                observer=observer)
+            return run_suite(loaded, config, device=device, only=only, force=force, results_dir=results_dir,
+                             observer=observer)
     except (SuiteError, ValueError, ExecutorError) as error:
         fail(str(error))
     except StoreLockedError as error:
@@ -69,21 +89,11 @@ def run_command(
     except RunInterrupted as interrupted:
         done = interrupted.summary
         err_console.print(
-            f"[bold yellow]interrupted:[/] {done.ok + done.errors} cells stored in {done.results_file}; "
+            f"[bold yellow]interrupted:[/] {done.ok + done.errors} cells stored in {escape(str(done.results_file))}; "
             "run the same command again to resume (stored cells are skipped).",
             highlight=False,
         )
         raise typer.Exit(130)
-    where = f" -> {summary.results_file}" if summary.results_file else ""
-    console.print(
-        f"{loaded.name}: {summary.ok + summary.errors} cells measured ({summary.errors} errors), "
-        f"{summary.skipped} already stored, in {summary.duration_s:.1f} s{where}",
-        highlight=False,
-    )
-    if summary.errors:
-        for message in summary.error_messages:
-            err_console.print(f"[red]error:[/] {escape(message)}", highlight=False)
-        raise typer.Exit(1)
 
 
 def _print_plan(suite: Suite, planned: list) -> None:
@@ -160,14 +170,11 @@ def show_command(
     errors: bool = typer.Option(False, "--errors", help="Also print each failed cell's traceback."),
 ) -> None:
     """Print stored results as a table: configuration, status and each metric's headline."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", StoreWarning)
+    with store_warnings():
         try:
             frame = load(path)
         except FileNotFoundError as error:
             fail(str(error))
-    for warning in caught:
-        err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False)
     if frame.empty:
         fail(f"{path}: no records", code=1)
     console.print(_results_table(frame, str(path)))
