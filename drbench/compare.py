@@ -55,6 +55,7 @@ from drbench.environment import run_git
 from drbench.measure.timing import LatencyMeasurement
 from drbench.results import read_records
 from drbench.suite import Cell
+from drbench.textsafe import markdown_code, markdown_text
 
 P_THRESHOLD = 0.002
 """Mann-Whitney U p-value below which two latency samples count as different (asv's choice)."""
@@ -502,21 +503,21 @@ class Comparison:
 
     def to_markdown(self) -> str:
         """A pull-request comment: headline, environment warnings, and one table row per compared metric."""
-        lines = [f"### drbench compare: `{self.baseline.name}` → `{self.current.name}`", ""]
-        lines += [f"> **Warning:** {difference}" for difference in self.environment_differences]
-        lines += [f"> Note: {note}" for note in self.notes]
+        lines = [f"### drbench compare: {markdown_code(self.baseline.name)} → {markdown_code(self.current.name)}", ""]
+        lines += [f"> **Warning:** {markdown_text(difference)}" for difference in self.environment_differences]
+        lines += [f"> Note: {markdown_text(note)}" for note in self.notes]
         if self.environment_differences or self.notes:
             lines.append("")
         common, short = shorten_labels(c.label for c in self.cells)
         lines += [f"**{self.headline()}**", ""]
-        lines += [f"Every cell: {common}", ""] if common else []
+        lines += [f"Every cell: {markdown_text(common)}", ""] if common else []
         lines += ["| cell | metric | baseline | current | ratio | p | result | rule |",
                   "|---|---|---:|---:|---:|---:|---|---|"]
         for c in self.ordered():
             verdict = f"**{c.verdict.value}**" if c.verdict is Verdict.REGRESSED else c.verdict.value
-            lines.append(f"| {short[c.label]} | {c.metric} | {format_value(c.metric, c.baseline)} | "
-                         f"{format_value(c.metric, c.current)} | {format_ratio(c.ratio)} | "
-                         f"{format_p(c.p_value)} | {verdict} | {c.rule} |")
+            lines.append(f"| {markdown_text(short[c.label])} | {markdown_text(c.metric)} | "
+                         f"{format_value(c.metric, c.baseline)} | {format_value(c.metric, c.current)} | "
+                         f"{format_ratio(c.ratio)} | {format_p(c.p_value)} | {verdict} | {markdown_text(c.rule)} |")
         return "\n".join(lines) + "\n"
 
 

@@ -93,6 +93,8 @@ def short_repr(value: Any, limit: int = 80) -> str:
 
 
 SuiteName = Annotated[str, AfterValidator(check_suite_name)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+"""A configuration key or metric name: they become table columns, CSV headers and plot names."""
 CommitHash = Annotated[str, AfterValidator(_check_commit)]
 Number = int | float
 
@@ -155,13 +157,13 @@ class Record(BaseModel):
     schema_version: Literal[READABLE_SCHEMAS] = Field(SCHEMA_VERSION, alias="schema")  # type: ignore[valid-type]
     suite: SuiteName
     run_id: str = ""
-    config: dict[str, ConfigValue]
+    config: dict[Name, ConfigValue]
     config_hash: Annotated[str, Field(min_length=1, max_length=64)]
-    metric_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    metric_settings: dict[Name, dict[str, Any]] = Field(default_factory=dict)
     status: Literal["ok", "error"]
     error: str | None = None
     traceback: str | None = None
-    metrics: dict[str, MetricResult] = Field(default_factory=dict)
+    metrics: dict[Name, MetricResult] = Field(default_factory=dict)
     env: Environment = Field(default_factory=Environment)
     started: str | None = None
     duration_s: Number | None = None

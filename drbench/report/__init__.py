@@ -29,11 +29,13 @@ import pandas as pd
 
 import drbench
 from drbench.config import Config, load_config
+from drbench.record import SUITE_NAME_MAX
 from drbench.report.cells import Results, format_value, load_results
 from drbench.report.plots import make_plots, save_plot
 from drbench.report.provenance import Notice, provenance, report_warnings
 from drbench.report.render import Figure, Page, render_html, render_markdown
 from drbench.report.tables import comparison_table, display_tables, flat_columns
+from drbench.textsafe import one_line, spreadsheet_text
 
 PLOTS_DIR = "plots"
 MASKS_DIR = "masks"
@@ -80,8 +82,8 @@ def build_report(
 
     table = comparison_table(results.cells, results.config_keys)
     csv_files = (out / "comparison.csv", out / "cells.csv")
-    (flat_columns(table) if not table.empty else pd.DataFrame()).to_csv(csv_files[0], index=False)
-    cells_frame(results).to_csv(csv_files[1], index=False)
+    write_csv(flat_columns(table) if not table.empty else pd.DataFrame(), csv_files[0])
+    write_csv(cells_frame(results), csv_files[1])
 
     figures, plot_files = [], []
     for plot in make_plots(results.cells, results.config_keys):
@@ -109,7 +111,11 @@ def build_report(
 
 
 def default_out_dir(results: Results, config: Config) -> Path:
-    return Path(config.get("paths.reports_dir")) / ("+".join(results.suites) or "results")
+    """``<paths.reports_dir>/<suite>[+<suite>...]``: suite names are plain folder names (every record read was
+    validated, :func:`drbench.record.check_suite_name`), so the folder is always inside the reports folder; a
+    joined name too long for a file system is ``results``."""
+    name = "+".join(results.suites)
+    return Path(config.get("paths.reports_dir")) / (name if 0 < len(name) <= SUITE_NAME_MAX else "results")
 
 
 def cells_frame(results: Results) -> pd.DataFrame:
@@ -120,6 +126,13 @@ def cells_frame(results: Results) -> pd.DataFrame:
         frame[key] = pd.Series([format_value(v) if isinstance(v, tuple) else v for v in frame[key]],
                                index=frame.index, dtype=object)
     return frame
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as CSV, every text cell and header made safe for spreadsheets (no formulas, one line each)."""
+    safe = frame.rename(columns=lambda column: spreadsheet_text(one_line(str(column))))
+    safe = safe.map(lambda value: spreadsheet_text(one_line(value)) if isinstance(value, str) else value)
+    safe.to_csv(path, index=False)
 
 
 def _copy_masks(sources: Iterable[Path], directory: Path) -> list[Path]:
