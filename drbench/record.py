@@ -29,7 +29,7 @@ import re
 import reprlib
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
 SCHEMA_VERSION = 1
 READABLE_SCHEMAS = (1,)
@@ -96,7 +96,14 @@ SuiteName = Annotated[str, AfterValidator(check_suite_name)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 """A configuration key or metric name: they become table columns, CSV headers and plot names."""
 CommitHash = Annotated[str, AfterValidator(_check_commit)]
-Number = int | float
+def _number(value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {short_repr(value)}")
+    return value
+
+
+Number = Annotated[int | float, PlainValidator(_number)]
+"""An int or a float as stored (never a bool or a numeric string)."""
 
 
 class _Open(BaseModel):

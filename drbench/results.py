@@ -86,9 +86,12 @@ class RunWriter:
     def append(self, record: Mapping[str, Any]) -> None:
         """Validate ``record`` as a :class:`Record` (a line readers would skip is never written) and store it."""
         line = json.dumps(Record.model_validate(record).to_dict(), separators=(",", ":"))
-        self._file.write(line + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:  # a full disk says so without a file name: name the file
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
         self.count += 1
 
     def close(self) -> None:

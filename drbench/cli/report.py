@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.text import Text
 
-from drbench.cli.app import app, console, fail, warn
+from drbench.cli.app import app, console, fail, store_warnings, warn
 from drbench.cli.options import CONFIG_OPTION
 from drbench.config import ConfigError, load_config
 
@@ -20,12 +20,13 @@ def report_command(
     config_file: Optional[Path] = CONFIG_OPTION,
 ) -> None:
     """Write a report folder: index.md, index.html (opens from disk), CSV tables and PNG/SVG plots."""
-    try:
-        from drbench.report import build_report  # matplotlib: imported only when a report is made
+    with store_warnings():
+        try:
+            from drbench.report import build_report  # matplotlib: imported only when a report is made
 
-        report = build_report(results, out, config=load_config(config_file))
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        fail(str(error))
+            report = build_report(results, out, config=load_config(config_file))
+        except (ConfigError, FileNotFoundError, ValueError) as error:
+            fail(str(error))
     for notice in report.notices:
         more = f" ({len(notice.details)} listed in the report)" if notice.details else ""
         warn(f"{notice.message.rstrip(':')}{more}")

@@ -74,6 +74,8 @@ def load_results(paths: Iterable[str | Path]) -> Results:
         raise ValueError(f"no results records in {', '.join(map(str, sources)) or '(no paths given)'}")
     frame, config_keys = records_frame(records)
     unreadable = tuple(str(w.message) for w in caught if issubclass(w.category, StoreWarning))
+    for message in unreadable:  # for the caller too (the CLI prints each), not only for the report's notice
+        warnings.warn(message, StoreWarning, stacklevel=2)
     return Results(sources, frame, latest_cells(frame, config_keys), tuple(config_keys), unreadable)
 
 
