@@ -65,7 +65,7 @@ def test_each_cell_is_done_running_failed_or_pending(config, tmp_path):
         (failed,) = report.of("failed")
         assert failed.error == "ValueError: does not fit" and failed.label == condconv.label()
         (pending,) = report.of("pending")
-        assert pending.note.startswith("stored on commit 0ld0c0mm, machine ")
+        assert pending.note.startswith("stored on commit 01dc0ffe, machine ")
         (running,) = report.of("running")
         assert (running.claim.executor, running.claim.pid, running.label) == ("process", os.getpid(), local.label())
 
