@@ -15,6 +15,7 @@ from drbench.compare import (
     decide_threshold, format_value, min_p_value, parse_threshold, resolve_side,
 )
 from drbench.measure.timing import LatencyMeasurement
+from drbench.record import SCHEMA_VERSION, Record
 from drbench.suite import config_hash
 
 # Synthetic records -----------------------------------------------------------------------------------------------
@@ -42,13 +43,13 @@ def make_record(config: dict, *, latency: list[float] | None = None, macs: int |
     if accuracy is not None:
         metrics["accuracy"] = {"value": sum(accuracy) / len(accuracy),
                                "runs": [{"seed": i, "top1": a} for i, a in enumerate(accuracy)]}
-    return {
-        "schema": 1, "suite": suite, "run_id": started, "config": config, "config_hash": config_hash(config),
+    return Record.model_validate({
+        "schema": SCHEMA_VERSION, "suite": suite, "run_id": started, "config": config, "config_hash": config_hash(config),
         "status": "error" if error else "ok", "error": error, "metrics": {} if error else metrics,
         "env": {"git_commit": commit, "git_dirty": dirty, "threads": threads, "machine": "box",
                 "device_name": "cpu", "torch_version": torch_version, "time": started},
         "started": started,
-    }
+    }).to_dict()
 
 
 def write_store(path: Path, records: list[dict]) -> Path:
