@@ -56,8 +56,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+# drbench's own metrics register on import, in the order listings and errors show them: accuracy last
+import drbench.metrics  # noqa: F401  # isort: skip
+import drbench.measure.accuracy  # noqa: F401  # isort: skip
 from drbench.config import Config, load_config
-from drbench.metrics import get_metric, list_metrics, resolve_settings
+from drbench.metric_registry import get_metric, list_metrics, resolve_settings
 from drbench.models import create_model, get_model, list_models
 from drbench.ops import create_conv, get_op, list_ops
 from drbench.record import check_suite_name, short_repr
@@ -163,16 +166,8 @@ class Cell(BaseModel):
         return config_hash(self.config())
 
     def label(self) -> str:
-        """A short human name: ``mobilenetv2 0.5x drconv(regions=8) 224px b1`` plus any non-default setting."""
-        options = ",".join(f"{k}={v}" for k, v in self.op_options.items())
-        size = self.input_size if isinstance(self.input_size, int) else "x".join(map(str, self.input_size))
-        parts = [self.model, f"{self.width:g}x", f"{self.op}({options})" if options else self.op, f"{size}px",
-                 f"b{self.batch_size}"]
-        defaults = cell_defaults()
-        for name in ("placement", "small_input", "num_classes", "dtype"):
-            if getattr(self, name) != defaults[name]:
-                parts.append(f"{name}={getattr(self, name)}")
-        return " ".join(parts)
+        """A short human name: :func:`label` of :meth:`config`."""
+        return label(self.config())
 
     def with_device(self, device: str) -> Cell:
         return self.model_copy(update={"device": device})
@@ -220,6 +215,30 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 CELL_KEYS = tuple(name for name in Cell.model_fields if name != "op_options")
+
+LABEL_SETTINGS = ("placement", "small_input", "num_classes", "dtype")
+"""Cell settings a label names only where they differ from the default."""
+
+
+def label(config: Mapping[str, Any]) -> str:
+    """A cell's short human name from its flat configuration (:meth:`Cell.config`, a record's ``config``): model,
+    width, operator with its options, input size and batch size, then each of :data:`LABEL_SETTINGS` that is not
+    the default. Pure: nothing is validated or built, so it names any stored record alike.
+
+    >>> label({"model": "mobilenetv2", "width": 0.5, "op": "drconv", "input_size": [112, 96], "regions": 8})
+    'mobilenetv2 0.5x drconv(regions=8) 112x96px b1'
+    >>> label({"model": "shufflenetv2", "dtype": "float16"})
+    'shufflenetv2 1x conv 224px b1 dtype=float16'
+    """
+    defaults = cell_defaults()
+    setting = lambda name: config.get(name, defaults.get(name))  # noqa: E731
+    options = ",".join(f"{key}={value}" for key, value in config.items() if key not in CELL_KEYS)
+    op, size, width = setting("op"), setting("input_size"), setting("width")
+    parts = [str(config.get("model", "?")), f"{width:g}x" if isinstance(width, (int, float)) else f"{width}x",
+             f"{op}({options})" if options else str(op),
+             f"{'x'.join(map(str, size)) if isinstance(size, (list, tuple)) else size}px", f"b{setting('batch_size')}"]
+    parts += [f"{name}={setting(name)}" for name in LABEL_SETTINGS if setting(name) != defaults[name]]
+    return " ".join(parts)
 
 
 def cell_defaults() -> dict[str, Any]:

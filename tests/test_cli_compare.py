@@ -15,7 +15,8 @@ from test_compare import CONV, DRCONV, _git_repo, make_record, timings, write_st
 from typer.testing import CliRunner
 
 from drbench.cli import app
-from drbench.compare import Verdict, compare_results
+from drbench.compare import compare_results
+from drbench.stats import Verdict
 from drbench.config import load_config
 from drbench.runner import run_suite
 from drbench.suite import parse_suite

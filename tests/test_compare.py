@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from drbench.compare import (
-    CompareError, Side, Verdict, compare, compare_results, decide_exact, decide_samples, decide_seeds,
-    decide_threshold, format_value, min_p_value, parse_threshold, resolve_side,
-)
+from drbench.compare import compare, compare_results, parse_threshold
+from drbench.compare_format import comparison_json, comparison_markdown
+from drbench.metric_registry import format_value
+from drbench.sides import CompareError, Side, resolve_side
+from drbench.stats import Verdict, decide_exact, decide_samples, decide_seeds, decide_threshold, min_p_value
 from drbench.measure.timing import LatencyMeasurement
 from drbench.record import SCHEMA_VERSION, Record
 from drbench.suite import config_hash
@@ -243,11 +244,11 @@ def test_outputs_for_tools_and_pull_requests():
     base = [make_record(CONV, latency=timings(rng, 0.010, 20), macs=100)]
     cur = [make_record(CONV, latency=timings(rng, 0.013, 20), macs=100, dirty=True)]
     comparison = compare(side("main", base), side("feature", cur), metrics=["latency"])
-    data = json.loads(comparison.to_json())
+    data = json.loads(comparison_json(comparison))
     assert data["counts"]["regressed"] == 1 and data["metrics"] == ["latency"]
     (cell,) = data["cells"]
     assert cell["verdict"] == "regressed" and cell["ratio"] == pytest.approx(1.3, rel=0.05)
-    markdown = comparison.to_markdown()
+    markdown = comparison_markdown(comparison)
     assert "`main` → `feature`" in markdown and "| **regressed** |" in markdown
     assert "uncommitted changes" in markdown
 

@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from drbench.checkpoint import CheckpointError, load_checkpoint
 from drbench.cli import app
-from drbench.compare import CompareError, compare_results
+from drbench.compare import compare_results
 from drbench.history import commit_positions
 from drbench.record import SCHEMA_VERSION
+from drbench.sides import CompareError
 from report_records import record, write_store
 
 runner = CliRunner()
@@ -91,7 +92,7 @@ def test_git_is_never_given_a_non_hex_commit_or_ref_as_an_option(tmp_path):
 @pytest.mark.parametrize("suite", ["..", "/tmp/elsewhere", "../../outside", "a/b"])
 def test_a_record_suite_that_is_a_path_is_skipped_and_the_report_stays_in_reports(workdir, suite):
     store = raw_store(workdir / "results" / "handmade" / "run.jsonl", record(macs=1_000_000),
-                      record(op="drconv", regions=4, macs=1_100_000, suite=suite))
+                      {**record(op="drconv", regions=4, macs=1_100_000), "suite": suite})
     before = {path for path in workdir.rglob("*")}
     result = cli("report", workdir / "results")
     assert result.exit_code == 0

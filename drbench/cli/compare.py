@@ -14,12 +14,12 @@ from rich.text import Text
 
 from drbench.cli.app import app, console, fail, store_warnings
 from drbench.cli.options import CONFIG_OPTION
-from drbench.compare import (
-    Comparison, Verdict, compare_results, format_p, format_ratio, format_value, parse_threshold,
-    shorten_labels,
-)
+from drbench.compare import Comparison, compare_results, parse_threshold
+from drbench.compare_format import comparison_json, comparison_markdown, format_p, format_ratio, shorten_labels
 from drbench.config import ConfigError, load_config
 from drbench.history import History, load_history, plot_history
+from drbench.metric_registry import format_value
+from drbench.stats import Verdict
 
 THRESHOLD_OPTION = typer.Option("10%", "--threshold", help="Smallest change that counts: 10% or 0.1.")
 SUITE_OPTION = typer.Option(None, "--suite", help="Only records of this suite.")
@@ -77,9 +77,9 @@ def compare_command(
             threshold=parse_threshold(threshold), metrics=[m.strip() for m in metric.split(",")] if metric else None,
         )
     if output is OutputFormat.json:
-        print(comparison.to_json())
+        print(comparison_json(comparison))
     elif output is OutputFormat.markdown:
-        print(comparison.to_markdown(), end="")
+        print(comparison_markdown(comparison), end="")
     else:
         _print_comparison(comparison)
     if comparison.regressed:
