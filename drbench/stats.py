@@ -42,6 +42,10 @@ SEED_SPREADS = 2.0
 
 DEFAULT_THRESHOLD = 0.10
 
+NOISY_REL_IQR = 0.10
+"""IQR/median above which a latency measurement is flagged noisy (torch.utils.benchmark's threshold): the runner
+flags it when measuring, reports mark it."""
+
 class Verdict(str, Enum):
     IMPROVED = "improved"
     REGRESSED = "regressed"

@@ -20,6 +20,7 @@ from drbench.cli.options import (
 )
 from drbench.config import Config
 from drbench.executors import ExecutorError, interference_warning
+from drbench.metric_registry import format_value, quantities
 from drbench.results import StoreLockedError, load
 from drbench.runner import RunInterrupted, RunSummary, plan, run_suite
 from drbench.suite import CELL_KEYS, Cell, Suite, SuiteError, list_suites, load_suite, option_names
@@ -143,25 +144,12 @@ class _RichObserver:
 
     def cell_finished(self, record: dict) -> None:
         if record["status"] == "ok":
-            summary = "  ".join(f"{name}={_format_metric(name, r['value'])}" for name, r in record["metrics"].items())
+            summary = "  ".join(f"{name}={format_value(name, r.get('value'))}" for name, r in record["metrics"].items())
             self.progress.console.print(f"[green]ok[/]    {escape(self.label)}  {escape(summary)}", highlight=False)
         else:
             self.progress.console.print(f"[red]error[/] {escape(self.label)}: {escape(record['error'])}",
                                         highlight=False)
         self.progress.advance(self.task)
-
-
-def _format_metric(name: str, value: Any) -> str:
-    """Human units for the headline of the built-in metrics; other metrics as they are."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if name in ("macs", "params"):
-        return f"{value / 1e6:.2f}M"
-    if name == "latency":
-        return f"{value * 1e3:.2f}ms"
-    if name == "memory":
-        return f"{value / 2**20:.1f}MiB"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command("show")
@@ -186,7 +174,7 @@ def show_command(
 
 def _results_table(frame: pd.DataFrame, title: str) -> Table:
     config_columns = [c for c in (*CELL_KEYS, *option_names()) if c in frame and _varies_or_key(frame, c)]
-    metric_columns = [c for c in ("macs", "params", "latency", "memory") if c in frame]
+    metric_columns = [q.name for q in quantities() if "." not in q.name and q.name in frame]
     metric_columns += [c for c in frame.columns if c not in metric_columns and _is_other_headline(frame, c)]
     table = Table(title=f"{title}: {len(frame)} records")
     for column in (*config_columns, "status", *metric_columns, "threads", "commit"):
@@ -206,7 +194,7 @@ def _varies_or_key(frame: pd.DataFrame, column: str) -> bool:
 
 
 def _is_other_headline(frame: pd.DataFrame, column: str) -> bool:
-    """Headline columns of metrics outside the built-in four (e.g. accuracy): named like a metric, no dot."""
+    """Headline columns of metrics no registered metric declares (an old record's): named like a metric, no dot."""
     known = {"suite", "run_id", "config_hash", "status", "error", "traceback", "started", "duration_s",
              *CELL_KEYS, *option_names()}
     return "." not in column and column not in known
@@ -216,7 +204,7 @@ def _metric_cell(row: pd.Series, column: str) -> str:
     value = row[column]
     if not isinstance(value, (int, float)) or pd.isna(value):
         return "-"
-    text = _format_metric(column, value)
+    text = escape(format_value(column, value))
     if column == "latency":
         text = f"{value * 1e3:.2f} ± {row['latency.iqr_s'] * 1e3:.2f} ms"
         if row.get("latency.noisy"):

@@ -13,6 +13,8 @@ was not measured)::
     train_step_ms, train_step_iqr_ms  median and IQR of a training step (forward, backward, optimiser), ms
     memory_mib                    peak forward memory beyond parameters and input, MiB
     top1, top1_std, top1_seeds    top-1 accuracy (%): mean and sample std over seeds, and the number of seeds
+    <metric>.shown                the headline of any other registered metric, in its declared unit
+                                  (:func:`other_quantities`)
 
 >>> results = load_results(["results/quick"])                  # doctest: +SKIP
 >>> results.cells[["model", "width", "op", "macs_m", "latency_ms"]]   # doctest: +SKIP
@@ -29,13 +31,25 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from drbench.metric_registry import Quantity, quantities
 from drbench.results import StoreWarning, flatten_record, read_records
-
-NOISY_REL_IQR = 0.10
-"""IQR/median above which a latency is flagged noisy (torch.utils.benchmark's threshold, as the runner's)."""
 
 BASELINE_OP = "conv"
 """The operator every other is compared against."""
+
+DEDICATED = ("macs", "params", "latency", "latency.train", "memory", "accuracy")
+"""Quantities the report derives columns of its own for (quartiles, throughput, seeds); any other registered
+quantity gets its headline in its unit (``<name>.shown``)."""
+
+
+def other_quantities() -> list[Quantity]:
+    """The registered headline quantities without a dedicated column: a metric defined anywhere is reported."""
+    return [q for q in quantities() if q.name not in DEDICATED and "." not in q.name]
+
+
+def shown_column(item: Quantity) -> str:
+    """The cells column of ``item``'s headline in its unit."""
+    return f"{item.name}.shown"
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,7 @@ def derived_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
         "top1": top1,
         "top1_std": top1_std,
         "top1_seeds": seeds,
+        **{shown_column(q): _numeric(frame, q.name) * q.scale for q in other_quantities()},
     }
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from drbench.report.cells import NOISY_REL_IQR, Results, is_missing
+from drbench.report.cells import Results, is_missing
+from drbench.stats import NOISY_REL_IQR
 
 SHORT_COMMIT = 7
 
