@@ -63,21 +63,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
     """The data of YAML ``text`` and its node tree (for line numbers); :class:`YamlError` for anything refused
     (see the module docstring)."""
-    loader = _UniqueKeyLoader(text)
     try:
-        root = loader.get_single_node()
-        if root is None:
-            return None, None
-        expanded_size(root)
-        return loader.construct_document(root), root
+        loader = _UniqueKeyLoader(text)  # reads the text at once: refuses control characters here
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                return None, None
+            expanded_size(root)
+            return loader.construct_document(root), root
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         problem = getattr(error, "problem", None) or str(error)
         raise YamlError(f"YAML syntax error: {problem}", mark.line + 1 if mark else None) from None
     except RecursionError:
         raise YamlError("YAML nested too deeply") from None
-    finally:
-        loader.dispose()
 
 
 def expanded_size(root: yaml.Node, limit: int = MAX_VALUES) -> int:

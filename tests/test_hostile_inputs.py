@@ -241,6 +241,12 @@ def test_a_plot_folder_that_cannot_be_created_is_an_environment_error(workdir):
 # 8. Binary suite and config files, --only values that are not YAML ---------------------------------------------------
 
 
+def test_control_characters_in_a_suite_are_an_input_error(workdir):
+    (workdir / "nul.yaml").write_bytes(b"\x00" + SUITE.encode())
+    result = cli("run", "nul.yaml", "--dry-run")
+    assert result.exit_code == 2 and "nul.yaml: YAML syntax error" in result.stderr
+
+
 def test_binary_suite_and_config_files_are_input_errors(workdir):
     (workdir / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     result = cli("run", "binary.yaml", "--dry-run")
