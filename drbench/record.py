@@ -34,6 +34,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 SCHEMA_VERSION = 1
 READABLE_SCHEMAS = (1,)
 
+MAX_INT = 2**63 - 1
+"""The largest integer a record may hold: what every reader (floats, pandas' int64) can represent."""
+
 SUITE_NAME_MAX = 100
 """A suite's name is a folder name (results, reports): short enough for any file system, with room to spare."""
 
@@ -99,6 +102,8 @@ CommitHash = Annotated[str, AfterValidator(_check_commit)]
 def _number(value: Any) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {short_repr(value)}")
+    if isinstance(value, int) and abs(value) > MAX_INT:  # readers compute in floats (and pandas in 64 bits)
+        raise ValueError(f"expected a number of at most 64 bits, got {short_repr(value)}")
     return value
 
 

@@ -327,3 +327,16 @@ def test_a_checkpoint_with_wrong_types_is_named_not_a_traceback(workdir):
 
 def test_the_factories_write_the_current_schema():
     assert record()["schema"] == SCHEMA_VERSION
+
+
+# Found by the fuzz test (test_fuzz_inputs.py) -------------------------------------------------------------------------
+
+
+def test_show_copes_with_a_latency_without_its_spread_and_skips_numbers_beyond_64_bits(workdir):
+    partial = record(latency=[0.01] * 5)
+    del partial["metrics"]["latency"]["iqr_s"]
+    huge = {**record(op="drconv", regions=4, macs=1), "metrics": {"macs": {"value": 2**70}}}
+    store = raw_store(workdir / "results" / "handmade" / "run.jsonl", partial, huge)
+    result = cli("show", store)
+    assert result.exit_code == 0 and "10 ms" in result.stdout
+    assert "run.jsonl:2: skipped" in result.stderr and "64 bits" in result.stderr

@@ -205,10 +205,11 @@ def _metric_cell(row: pd.Series, column: str) -> str:
     if not isinstance(value, (int, float)) or pd.isna(value):
         return "-"
     text = escape(format_value(column, value))
-    if column == "latency":
-        text = f"{value * 1e3:.2f} ± {row['latency.iqr_s'] * 1e3:.2f} ms"
-        if row.get("latency.noisy"):
-            text += " [yellow](noisy)[/]"
+    spread = row.get("latency.iqr_s")
+    if column == "latency" and isinstance(spread, (int, float)) and not pd.isna(spread):
+        text = f"{value * 1e3:.2f} ± {spread * 1e3:.2f} ms"
+    if column == "latency" and row.get("latency.noisy") is True:
+        text += " [yellow](noisy)[/]"
     return text
 
 
