@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_compare import CONV, DRCONV, _git_repo, make_record, timings, write_store
+from comparison_records import CONV, DRCONV, git_repo, make_record, timings, write_store
 
 from drbench.metric_registry import quantity
 from drbench.stats import Verdict
@@ -20,7 +20,7 @@ def _day(index: int) -> str:
 def store(tmp_path):
     """Six commits. conv gets 30% slower at commit 3 and stays there; drconv only jitters (3% noise).
     The records are written newest first, and their times run backwards, so only git knows the order."""
-    commits = _git_repo(tmp_path / "repo", 6)
+    commits = git_repo(tmp_path / "repo", 6)
     rng = random.Random(0)
     records = []
     for index, commit in reversed(list(enumerate(commits))):
