@@ -30,7 +30,7 @@ import pandas as pd
 import drbench
 from drbench.config import Config, load_config
 from drbench.record import SUITE_NAME_MAX
-from drbench.report.cells import Results, format_value, load_results
+from drbench.report.cells import Results, format_setting, load_results
 from drbench.report.plots import make_plots, save_plot
 from drbench.report.provenance import Notice, provenance, report_warnings
 from drbench.report.render import Figure, Page, render_html, render_markdown
@@ -123,7 +123,7 @@ def cells_frame(results: Results) -> pd.DataFrame:
     keys = [k for k in results.config_keys if k in results.cells]
     frame = results.cells[keys + [c for c in CELL_COLUMNS if c in results.cells]].copy()
     for key in keys:
-        frame[key] = pd.Series([format_value(v) if isinstance(v, tuple) else v for v in frame[key]],
+        frame[key] = pd.Series([format_setting(v) if isinstance(v, tuple) else v for v in frame[key]],
                                index=frame.index, dtype=object)
     return frame
 

@@ -73,7 +73,7 @@ class Results:
 
     def label(self, cell: pd.Series) -> str:
         """A cell's short name: model, width, op and the settings that vary among these cells."""
-        return cell_label(cell, varying_keys(self.cells, self.config_keys))
+        return relative_label(cell, varying_keys(self.cells, self.config_keys))
 
 
 def load_results(paths: Iterable[str | Path]) -> Results:
@@ -140,18 +140,21 @@ def derived_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
     }
 
 
-def cell_label(cell: pd.Series | dict, config_keys: Sequence[str]) -> str:
-    """``shufflenetv2 0.5x drconv regions=8 input_size=64``: model, width, op, then the keys given that are set."""
-    parts = [str(cell.get("model", "?")), f"{format_value(cell.get('width', '?'))}x", str(cell.get("op", "?"))]
-    parts += [f"{key}={format_value(cell[key])}" for key in config_keys
+def relative_label(cell: pd.Series | dict, config_keys: Sequence[str]) -> str:
+    """``shufflenetv2 0.5x drconv regions=8 input_size=64``: model, width, op, then the keys given that are set.
+
+    A name among the cells of one report (``config_keys``: the settings that vary among them), where
+    :func:`drbench.suite.label` names a cell on its own."""
+    parts = [str(cell.get("model", "?")), f"{format_setting(cell.get('width', '?'))}x", str(cell.get("op", "?"))]
+    parts += [f"{key}={format_setting(cell[key])}" for key in config_keys
               if key not in ("model", "width", "op") and key in cell and not is_missing(cell[key])]
     return " ".join(parts)
 
 
-def format_value(value: Any) -> str:
+def format_setting(value: Any) -> str:
     """A configuration value as people write it: ``0.5``, ``112x96``, ``True``."""
     if isinstance(value, tuple):
-        return "x".join(map(format_value, value))
+        return "x".join(map(format_setting, value))
     return str(value)
 
 

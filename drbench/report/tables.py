@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from drbench.report.cells import (
-    BASELINE_OP, format_value, hashable_value, is_missing, other_quantities, shown_column, varying_keys,
+    BASELINE_OP, format_setting, hashable_value, is_missing, other_quantities, shown_column, varying_keys,
 )
 from drbench.stats import NOISY_REL_IQR
 
@@ -243,4 +243,4 @@ def _number_or_dash(value: float, text: Callable[[float], str]) -> str:
 
 
 def _key_text(value) -> str:
-    return "–" if is_missing(value) else format_value(value)
+    return "–" if is_missing(value) else format_setting(value)
