@@ -4,10 +4,9 @@ Each side is a results file or folder, or a git commit (or ref) whose records ar
 matched by their configuration hash; the environment (threads, host, device, library versions) is not part of a
 cell's identity, and :attr:`Comparison.environment_differences` says where the two sides' environments differ.
 
->>> comparison = compare_results("results/quick", "HEAD", results_dir="results")      # doctest: +SKIP
->>> comparison.regressed                                                                 # doctest: +SKIP
-()
->>> print(comparison_markdown(comparison))      # drbench.compare_format       # doctest: +SKIP
+>>> comparison = compare_results("1a2b3c4", "5e6f7a8", results_dir="results")
+>>> comparison.regressed, comparison.counts()["unchanged"]
+((), 18)
 
 The seams: the decision rules are pure statistics (:mod:`drbench.stats`); which rule judges a metric, where its
 observations are and its unit are the metric's own declaration (:class:`drbench.metric_registry.Quantity`); the

@@ -1,7 +1,9 @@
 """How a comparison reads: the table's text (units, ratios, p-values, shortened cell labels), JSON for machines
 and Markdown for pull-request comments. Every text taken from records is escaped (:mod:`drbench.textsafe`).
 
->>> print(comparison_markdown(compare_results("results/quick", "HEAD")))     # doctest: +SKIP
+>>> from drbench.compare import compare_results
+>>> print(comparison_markdown(compare_results("1a2b3c4", "5e6f7a8")).splitlines()[0])
+### drbench compare: `1a2b3c4` → `5e6f7a8`
 """
 
 from __future__ import annotations

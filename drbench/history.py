@@ -15,11 +15,11 @@ observations the rule finds unchanged, and closest in ratio, are merged, until e
 The boundaries left are the steps. Pooling lets slow drifts accumulate into a detectable step, and a one-commit
 spike that is later undone shows as two steps (up, then down), each at the commit that caused it.
 
->>> history = load_history("results", metric="latency", suite="quick")      # doctest: +SKIP
->>> for cell in history.cells:                                               # doctest: +SKIP
-...     for step in cell.steps:
-...         print(cell.label, step.commit, f"{step.decision.ratio:.2f}x")
->>> plot_history(history, "reports/history-latency.png")                     # doctest: +SKIP
+>>> history = load_history("results", metric="latency", suite="quick")
+>>> len(history.cells), [point.label for point in history.cells[0].points], history.steps
+(6, ['1a2b3c4', '5e6f7a8'], [])
+>>> plot_history(history, "reports/history-latency.png")
+PosixPath('reports/history-latency.png')
 """
 
 from __future__ import annotations

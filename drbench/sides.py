@@ -5,9 +5,11 @@ A side given as a commit is looked up with git (``rev-parse --end-of-options``, 
 option), else as a unique prefix of a commit stored in the results; records carry only hexadecimal commits
 (:class:`drbench.record.Record`).
 
->>> side = resolve_side("results/quick", "results")       # doctest: +SKIP
->>> side.commits(), len(side.records)                     # doctest: +SKIP
-(['3db48f3'], 6)
+>>> side = resolve_side("results/quick", "results")
+>>> side.commits(), len(side.records)
+(['1a2b3c4', '5e6f7a8'], 12)
+>>> resolve_side("5e6f7a8", "results").source          # a commit with stored results (a unique prefix)
+'commit 5e6f7a8 in results'
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ Any mistake (YAML syntax, an unknown key, a wrong type, an unknown model, operat
 an operator option its operator rejects) raises :class:`SuiteError` with one message naming the file, the line,
 the field and what was expected.
 
->>> suite = load_suite("suites/quick.yaml")      # doctest: +SKIP
->>> [cell.label() for cell in suite.cells][:1]    # doctest: +SKIP
-['shufflenetv2 0.5x conv 64px b1']
+>>> suite = load_suite("suites/quick.yaml")
+>>> [cell.label() for cell in suite.cells][:2]
+['shufflenetv2 0.5x conv 32px b2 small_input=True num_classes=10', 'shufflenetv2 0.5x condconv(experts=4) 32px b2 small_input=True num_classes=10']
 """
 
 from __future__ import annotations

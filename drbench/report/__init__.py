@@ -12,9 +12,9 @@ Modules: :mod:`~drbench.report.cells` (reading and normalising), :mod:`~drbench.
 :mod:`~drbench.report.plots`, :mod:`~drbench.report.provenance` (header and warnings),
 :mod:`~drbench.report.render` (Markdown and HTML).
 
->>> report = build_report(["results/quick"])        # doctest: +SKIP
->>> report.index_html                                 # doctest: +SKIP
-PosixPath('reports/quick/index.html')
+>>> report = build_report(["results/quick"])
+>>> report.index_html, [path.name for path in report.csv_files]
+(PosixPath('reports/quick/index.html'), ['comparison.csv', 'cells.csv'])
 """
 
 from __future__ import annotations

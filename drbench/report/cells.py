@@ -16,8 +16,9 @@ was not measured)::
     <metric>.shown                the headline of any other registered metric, in its declared unit
                                   (:func:`other_quantities`)
 
->>> results = load_results(["results/quick"])                  # doctest: +SKIP
->>> results.cells[["model", "width", "op", "macs_m", "latency_ms"]]   # doctest: +SKIP
+>>> results = load_results(["results/quick"])
+>>> results.cells[["model", "width", "op", "macs_m", "latency_ms"]].head(2).values.tolist()
+[['shufflenetv2', 0.5, 'conv', 1.0, 2.0], ['shufflenetv2', 0.5, 'condconv', 2.0, 4.0]]
 """
 
 from __future__ import annotations

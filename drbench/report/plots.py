@@ -11,8 +11,11 @@
 Error bars: latency from the quartiles of the raw samples (a ratio's bar propagates both cells' relative IQR);
 accuracy from the standard deviation over seeds (a gain's bar combines both cells' as independent).
 
->>> plots = make_plots(results.cells, results.config_keys)     # doctest: +SKIP
->>> [save_plot(plot, "reports/quick/plots") for plot in plots]  # doctest: +SKIP
+>>> from drbench.report.cells import load_results
+>>> results = load_results(["results/quick"])
+>>> plots = make_plots(results.cells, results.config_keys)
+>>> [path.name for plot in plots for path in save_plot(plot, "reports/quick/plots")]
+['pareto.png', 'pareto.svg']
 """
 
 from __future__ import annotations

@@ -9,8 +9,11 @@ an operator with the standard convolution of that very row.
 :func:`comparison_table` is numeric (the CSV form, flat column names ``<op> <quantity>``);
 :func:`display_tables` turns it into one small string table per quantity for Markdown and HTML.
 
->>> table = comparison_table(results.cells, results.config_keys)       # doctest: +SKIP
->>> table[("drconv", "Δ MACs vs conv (%)")]                             # doctest: +SKIP
+>>> from drbench.report.cells import load_results
+>>> results = load_results(["results/quick"])
+>>> table = comparison_table(results.cells, results.config_keys)
+>>> table[("drconv", "Δ MACs vs conv (%)")].round(1).tolist()
+[200.0, 20.0]
 """
 
 from __future__ import annotations
