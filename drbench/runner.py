@@ -17,9 +17,14 @@
   fixed with ``torch.set_num_threads`` for the whole run and recorded in every record.
 
 >>> from drbench.config import load_config
->>> from drbench.suite import load_suite
+>>> from drbench.suite import parse_suite
 >>> config = load_config()
->>> summary = run_suite(load_suite("suites/quick.yaml", config), config)      # doctest: +SKIP
+>>> suite = parse_suite("{name: tiny, fixed: {model: mobilenetv1, width: 0.25, input_size: 16}, metrics: [macs]}")
+>>> summary = run_suite(suite, config, device="cpu", results_dir="results")
+>>> summary.ok, summary.skipped, summary.results_file.parent
+(1, 0, PosixPath('results/tiny'))
+>>> run_suite(suite, config, device="cpu", results_dir="results").skipped      # resumed: measured once
+1
 """
 
 from __future__ import annotations
