@@ -145,6 +145,8 @@ def run_suite(
 ) -> RunSummary:
     """Measure every planned cell that is not already stored; see the module docstring."""
     observer = observer or _SilentObserver()
+    if only:
+        parse_filter(only)  # a bad filter is refused before the store folder and its lock are created
     store = _store(suite, config, results_dir)
     with store.lock(), fixed_threads(config.get("run.threads")) as threads:
         planned = plan(suite, config, device=device, only=only, force=force, results_dir=results_dir)

@@ -256,10 +256,12 @@ def test_binary_suite_and_config_files_are_input_errors(workdir):
     assert result.exit_code == 2 and "binary.toml: not a configuration file" in result.stderr
 
 
-@pytest.mark.parametrize("only", ["width=[1", "op=*alias", "width={", "op=@x"])
-def test_only_values_that_are_not_yaml_are_input_errors(workdir, only):
-    result = cli("run", "tiny.yaml", "--dry-run", "--only", only)
-    assert result.exit_code == 2 and "--only" in result.stderr
+@pytest.mark.parametrize("only", ["width=[1", "op=*alias", "width={", "op=@x", "colour=red"])
+def test_only_values_that_are_not_yaml_are_input_errors_and_write_nothing(workdir, only):
+    for dry_run in (["--dry-run"], []):
+        result = cli("run", "tiny.yaml", *dry_run, "--only", only)
+        assert result.exit_code == 2 and "--only" in result.stderr
+    assert not (workdir / "results").exists()
 
 
 # 9. Sizes that cannot run, and duplicate keys, are suite errors ------------------------------------------------------

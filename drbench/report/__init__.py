@@ -131,7 +131,8 @@ def cells_frame(results: Results) -> pd.DataFrame:
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """``frame`` as CSV, every text cell and header made safe for spreadsheets (no formulas, one line each)."""
     safe = frame.rename(columns=lambda column: spreadsheet_text(one_line(str(column))))
-    for column in safe.columns[safe.dtypes == object]:  # cell by cell: mapping would turn ints beside None to floats
+    text_columns = [c for c in safe.columns if not pd.api.types.is_numeric_dtype(safe[c])]
+    for column in text_columns:  # cell by cell: mapping would turn ints beside None to floats
         safe[column] = pd.Series([spreadsheet_text(one_line(v)) if isinstance(v, str) else v for v in safe[column]],
                                  index=safe.index, dtype=object)
     safe.to_csv(path, index=False)
