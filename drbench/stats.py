@@ -46,6 +46,7 @@ NOISY_REL_IQR = 0.10
 """IQR/median above which a latency measurement is flagged noisy (torch.utils.benchmark's threshold): the runner
 flags it when measuring, reports mark it."""
 
+
 class Verdict(str, Enum):
     IMPROVED = "improved"
     REGRESSED = "regressed"
@@ -63,7 +64,6 @@ class Decision:
     ratio: float | None
     p_value: float | None
     rule: str
-
 
 
 DecisionRule = Callable[[Sequence[float], Sequence[float], float, bool], Decision]

@@ -143,7 +143,8 @@ def test_a_self_referring_alias_and_deep_nesting_are_refused(workdir):
     ("{min_blocks: 1}", "min_blocks"),
 ])
 def test_latency_settings_out_of_bounds_are_suite_errors(workdir, settings, field):
-    (workdir / "t.yaml").write_text(SUITE.replace("metrics: {macs: {}, params: {}}", f"metrics: {{latency: {settings}}}"))
+    metrics = f"metrics: {{latency: {settings}}}"
+    (workdir / "t.yaml").write_text(SUITE.replace("metrics: {macs: {}, params: {}}", metrics))
     result = cli("run", "t.yaml", "--dry-run")
     assert result.exit_code == 2
     assert f"t.yaml:6: metrics.latency.{field}:" in result.stderr
