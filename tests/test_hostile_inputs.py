@@ -191,6 +191,12 @@ def test_every_reader_skips_broken_records_with_a_warning_naming_file_and_line(b
 # 6. Messages are printed as text, never as Rich markup --------------------------------------------------------------
 
 
+def test_brackets_in_paths_are_printed_not_interpreted(workdir):
+    store = write_store(workdir / "results" / "[/x]", [record(macs=1_000_000)])
+    result = cli("show", store.parent)
+    assert result.exit_code == 0 and "results/[/x]: 1 records" in result.stdout
+
+
 def test_brackets_in_messages_are_printed_not_interpreted(workdir):
     result = cli("show", "results/[/x]")
     assert result.exit_code == 2 and "results/[/x]" in result.stderr

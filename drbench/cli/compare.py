@@ -138,7 +138,7 @@ def _print_history(history: History) -> None:
         console.print(f"no step changes in {history.metric} beyond {history.threshold:.0%}")
         return
     common, short = shorten_labels(cell.label for cell, _ in history.steps)
-    table = Table(title=f"Step changes in {history.metric}",
+    table = Table(title=f"Step changes in {escape(history.metric)}",
                   caption=f"every cell: {escape(common)}" if common else None)
     for column in ("cell", "at commit", "before", "after", "ratio", "p", "result"):
         table.add_column(column, justify="right" if column in ("before", "after", "ratio", "p") else "left")

@@ -102,7 +102,7 @@ def _print_plan(suite: Suite, planned: list) -> None:
     for column in ("#", "cell", "device", "config hash", "stored"):
         table.add_column(column)
     for index, item in enumerate(planned, start=1):
-        table.add_row(str(index), item.cell.label(), item.cell.device, item.cell.config_hash(),
+        table.add_row(str(index), escape(item.cell.label()), item.cell.device, item.cell.config_hash(),
                       "yes (skip)" if item.stored else "")
     console.print(table)
 
@@ -176,7 +176,7 @@ def _results_table(frame: pd.DataFrame, title: str) -> Table:
     config_columns = [c for c in (*CELL_KEYS, *option_names()) if c in frame and _varies_or_key(frame, c)]
     metric_columns = [q.name for q in quantities() if "." not in q.name and q.name in frame]
     metric_columns += [c for c in frame.columns if c not in metric_columns and _is_other_headline(frame, c)]
-    table = Table(title=f"{title}: {len(frame)} records")
+    table = Table(title=f"{escape(title)}: {len(frame)} records")
     for column in (*config_columns, "status", *metric_columns, "threads", "commit"):
         table.add_column(column, justify="right" if column in metric_columns else "left")
     for _, row in frame.iterrows():
@@ -242,15 +242,15 @@ def list_suites_command(config_file: Optional[Path] = CONFIG_OPTION) -> None:
     """List the suite files in paths.suites_dir with their cell counts."""
     config = load_cli_config(config_file)
     directory = Path(config.get("paths.suites_dir"))
-    table = Table(title=f"Suites in {directory}/")
+    table = Table(title=f"Suites in {escape(str(directory))}/")
     for column in ("name", "file", "cells", "metrics", "description"):
         table.add_column(column)
     for path in list_suites(directory):
         try:
             suite = load_suite(path, config)
         except SuiteError as error:
-            table.add_row(path.stem, str(path), "-", "-", f"[red]invalid:[/] {escape(str(error))}")
+            table.add_row(escape(path.stem), escape(str(path)), "-", "-", f"[red]invalid:[/] {escape(str(error))}")
             continue
-        table.add_row(suite.name, str(path), str(len(suite.cells)), ", ".join(suite.metrics),
+        table.add_row(suite.name, escape(str(path)), str(len(suite.cells)), ", ".join(suite.metrics),
                       escape(suite.description))
     console.print(table)
