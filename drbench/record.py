@@ -158,7 +158,10 @@ class Environment(_Open):
     time: str | None = None
 
 
-ConfigValue = str | bool | int | float | None | list[Any]
+ConfigScalar = str | bool | int | float | None
+ConfigValue = ConfigScalar | list[ConfigScalar]
+"""A setting of a cell's flat configuration: a scalar, or a list of scalars (an (H, W) input size); readers group
+and compare settings, so they must be hashable once lists become tuples."""
 
 
 class Record(BaseModel):

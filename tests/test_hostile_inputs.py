@@ -341,6 +341,14 @@ def test_the_factories_write_the_current_schema():
 # Found by the fuzz test (test_fuzz_inputs.py) -------------------------------------------------------------------------
 
 
+def test_a_configuration_value_that_nests_containers_is_skipped(workdir):
+    nested = record(op="drconv", regions=4, macs=2)
+    nested["config"] = {**nested["config"], "input_size": [{"h": 32}, [32]]}
+    store = raw_store(workdir / "results" / "handmade" / "run.jsonl", record(macs=1), nested)
+    result = cli("report", store)
+    assert result.exit_code == 0 and "run.jsonl:2: skipped" in result.stderr and "config.input_size" in result.stderr
+
+
 def test_show_copes_with_a_latency_without_its_spread_and_skips_numbers_beyond_64_bits(workdir):
     partial = record(latency=[0.01] * 5)
     del partial["metrics"]["latency"]["iqr_s"]
