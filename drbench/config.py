@@ -170,6 +170,8 @@ def _read_toml(file: Path) -> dict[str, dict[str, Any]]:
                           ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{file}: not valid TOML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: not valid TOML: nested too deeply") from None
     for section, values in data.items():
         if section not in _SECTIONS:
             raise ConfigError(f"{file}: unknown section [{section}]; expected one of: {', '.join(_SECTIONS)}")

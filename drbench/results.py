@@ -198,7 +198,10 @@ def read_records(path: str | Path) -> list[dict]:
 def parse_record(line: bytes | str) -> dict:
     """One results file line as a valid record's dict; ValueError saying what is wrong (and where) otherwise."""
     text = line.decode("utf-8") if isinstance(line, bytes) else line
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(data, dict) or "config_hash" not in data:
         raise ValueError("not a drbench record")
     try:

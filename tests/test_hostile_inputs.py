@@ -254,6 +254,12 @@ def test_control_characters_in_a_suite_are_an_input_error(workdir):
     assert result.exit_code == 2 and "nul.yaml: YAML syntax error" in result.stderr
 
 
+def test_a_config_file_nested_too_deeply_is_an_input_error(workdir):
+    (workdir / "drbench.toml").write_text("[run]\nthreads = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    result = cli("config")
+    assert result.exit_code == 2 and "drbench.toml: not valid TOML: nested too deeply" in result.stderr
+
+
 def test_binary_suite_and_config_files_are_input_errors(workdir):
     (workdir / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     result = cli("run", "binary.yaml", "--dry-run")
@@ -339,6 +345,13 @@ def test_the_factories_write_the_current_schema():
 
 
 # Found by the fuzz test (test_fuzz_inputs.py) -------------------------------------------------------------------------
+
+
+def test_a_line_nested_too_deeply_for_json_is_skipped(workdir):
+    store = raw_store(workdir / "results" / "handmade" / "run.jsonl", b"[" * 100_000 + b"]" * 100_000,
+                      record(macs=1))
+    result = cli("show", store)
+    assert result.exit_code == 0 and "run.jsonl:1: skipped unreadable line (nested too deeply)" in result.stderr
 
 
 def test_a_configuration_value_that_nests_containers_is_skipped(workdir):
