@@ -294,6 +294,15 @@ def test_suites_that_cannot_run_are_refused_when_read(workdir, change, message):
     assert "bad.yaml:" in result.stderr and message in result.stderr
 
 
+def test_a_link_named_like_a_mask_image_is_not_copied_into_the_report(workdir):
+    secret = workdir / "secret.txt"
+    secret.write_text("private")
+    store = write_store(workdir / "results" / "handmade", [record(macs=1_000_000)])
+    (store.parent / "leak_mask.png").symlink_to(secret)
+    assert cli("report", "results").exit_code == 0
+    assert not (workdir / "reports" / "handmade" / "masks").exists()
+
+
 # 10. Markdown and CSV outputs are escaped ----------------------------------------------------------------------------
 
 

@@ -139,10 +139,14 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def _copy_masks(sources: Iterable[Path], directory: Path) -> list[Path]:
+    """The mask images of the results folders, copied into the report. Only regular files: a results folder that
+    travelled (an artifact, an archive) could hold a link named like a mask that points at any file of the user's,
+    which the report would then carry."""
     found = {}
     for source in sources:
         folder = source if source.is_dir() else source.parent
-        found.update({path.name: path for path in sorted(folder.rglob(MASK_PATTERN))})
+        found.update({path.name: path for path in sorted(folder.rglob(MASK_PATTERN))
+                      if path.is_file() and not path.is_symlink()})
     if found:
         directory.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copy2(path, directory / name)) for name, path in found.items()]
