@@ -33,3 +33,5 @@ def test_a_plugin_metric_is_shown_reported_and_compared_in_its_unit_by_its_own_r
     assert reported.exit_code == 0, reported.output
     page = (tmp_path / "report" / "index.md").read_text()
     assert "### energy (mJ)" in page and "| 2.00 |" in page
+    header, row = (tmp_path / "report" / "cells.csv").read_text().splitlines()
+    assert header.endswith(",energy.shown") and row.endswith(",2.0")

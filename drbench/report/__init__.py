@@ -30,7 +30,7 @@ import pandas as pd
 import drbench
 from drbench.config import Config, load_config
 from drbench.record import SUITE_NAME_MAX
-from drbench.report.cells import Results, format_setting, load_results
+from drbench.report.cells import Results, format_setting, load_results, other_quantities, shown_column
 from drbench.report.plots import make_plots, save_plot
 from drbench.report.provenance import Notice, provenance, report_warnings
 from drbench.report.render import Figure, Page, render_html, render_markdown
@@ -119,9 +119,12 @@ def default_out_dir(results: Results, config: Config) -> Path:
 
 
 def cells_frame(results: Results) -> pd.DataFrame:
-    """One row per cell for ``cells.csv``: configuration (an (H, W) size as ``HxW``), then CELL_COLUMNS."""
+    """One row per cell for ``cells.csv``: configuration (an (H, W) size as ``HxW``), then CELL_COLUMNS, then the
+    headline of each other registered metric measured (``<name>.shown``, in its unit)."""
     keys = [k for k in results.config_keys if k in results.cells]
-    frame = results.cells[keys + [c for c in CELL_COLUMNS if c in results.cells]].copy()
+    others = [shown_column(q) for q in other_quantities()]
+    measured = [c for c in others if c in results.cells and results.cells[c].notna().any()]
+    frame = results.cells[keys + [c for c in CELL_COLUMNS if c in results.cells] + measured].copy()
     for key in keys:
         frame[key] = pd.Series([format_setting(v) if isinstance(v, tuple) else v for v in frame[key]],
                                index=frame.index, dtype=object)
