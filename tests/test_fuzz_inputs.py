@@ -150,12 +150,31 @@ def test_mutated_suites_are_run_or_refused_cleanly(suite, trick, data):
               root=root)
 
 
+TOML_KEYS = st.sampled_from(["results_dir", "reports_dir", "suites_dir", "device", "threads", "budget_s", "warmup",
+                             "min_blocks", "target_rel_iqr", "name", "workers", "unknown", "[section]", "[timing]"])
+TOML_VALUES = st.sampled_from(["inf", "-inf", "nan", "-1", "0", "1e999", "9" * 30, "true", '"x"', '""', "[1, 2]",
+                               "{a = 1}", '"../../outside"', '"/tmp/drbench-fuzz-outside"', '"[/x]"', '"cuda"'])
+
+
+@st.composite
+def config_text(draw: st.DrawFn) -> str:
+    """drbench.toml with a few lines inserted (known and unknown keys, out-of-range and ill-typed values), or any
+    text at all."""
+    lines = CONFIG.splitlines()
+    for _ in range(draw(st.integers(1, 4))):
+        line = f"{draw(TOML_KEYS)} = {draw(TOML_VALUES)}"
+        lines.insert(draw(st.integers(0, len(lines))), line)
+    return draw(st.just("\n".join(lines) + "\n") | st.text(max_size=200))
+
+
 @FUZZ
-@given(config=st.text(max_size=200) | st.just(CONFIG), data=st.data())
+@given(config=config_text(), data=st.data())
 def test_mutated_configuration_files_are_read_or_refused_cleanly(config, data):
     with workspace() as root:
         (root / "drbench.toml").write_bytes(data.draw(encoded(config)))
-        check("config", root=root)
+        (root / "suite.yaml").write_text(yaml.safe_dump(SUITE))
+        check(*data.draw(st.sampled_from([["config"], ["run", "suite.yaml", "--dry-run"], ["list", "suites"]])),
+              root=root)
 
 
 RECORDS = [record(macs=1_000_000, latency=[0.010, 0.011, 0.012], top1=[70.0, 71.0]),
