@@ -30,7 +30,7 @@ it stores::
   samples, one figure per seed), the decision rule of :mod:`drbench.stats` that judges a change, and its report
   column. Without ``quantities`` a metric stores one unitless headline judged by the threshold.
 
-This module is a leaf (it imports drbench's config, record-free statistics and nothing that builds models), so
+This module is a leaf (it imports only drbench's config and statistics, nothing that builds models), so
 that every reader can know the metrics without importing their implementations; a module that registers a metric
 must be imported before suites are loaded or results are read (drbench's own register in :mod:`drbench.metrics`
 and :mod:`drbench.measure.accuracy`, both imported by :mod:`drbench.suite`).
@@ -150,12 +150,6 @@ class Quantity:
 
     def judge(self, baseline: Sequence[float], current: Sequence[float], threshold: float) -> Decision:
         return self.decide(baseline, current, threshold, self.higher_is_better)
-
-    @property
-    def title(self) -> str:
-        """The report column: ``latency (ms)``."""
-        name = self.column or self.name
-        return f"{name} ({self.unit})" if self.unit else name
 
     def format(self, value: float | None) -> str:
         """A stored value in this quantity's unit: ``12.3 ms``, ``41 M``, ``1,234 MiB``; ``-`` when missing."""
