@@ -159,18 +159,15 @@ class Quantity:
         return (f"{shown:,.0f} {self.unit}" if abs(shown) >= 1000 else f"{shown:.3g} {self.unit}").rstrip()
 
 
-_QUANTITIES: dict[str, Quantity] = {}
-
-
 def quantity(name: str) -> Quantity:
     """The registered quantity ``name``; for a name no registered metric declares (an old record's metric), a
     unitless headline judged by the threshold."""
-    return _QUANTITIES.get(name) or Quantity(name)
+    return next((q for q in quantities() if q.name == name), None) or Quantity(name)
 
 
 def quantities() -> list[Quantity]:
-    """Every registered quantity, in registration order."""
-    return list(_QUANTITIES.values())
+    """Every quantity of the registered metrics, in registration order."""
+    return [q for spec in _REGISTRY.values() for q in spec.quantities]
 
 
 def quantities_in(records: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -181,10 +178,9 @@ def quantities_in(records: Iterable[Mapping[str, Any]]) -> list[str]:
     for record in records:
         metrics = record.get("metrics") or {}
         stored.update(metrics)
-        found.update(q.name for q in _QUANTITIES.values() if q.name.split(".")[0] in metrics
+        found.update(q.name for q in quantities() if q.name.split(".")[0] in metrics
                      and q.observations(metrics) is not None)
-    declared = {q.name.split(".")[0] for q in _QUANTITIES.values()}
-    return [q.name for q in _QUANTITIES.values() if q.name in found] + sorted(stored - declared)
+    return [q.name for q in quantities() if q.name in found] + sorted(stored - set(_REGISTRY))
 
 
 def format_value(name: str, value: float | None) -> str:
@@ -249,7 +245,6 @@ def register_metric(
             raise ValueError(f"metric {name!r} is already registered")
         summary = description or (function.__doc__ or "").strip().splitlines()[0]
         _REGISTRY[name] = MetricSpec(name, function, settings, defaults_from, summary, declared)
-        _QUANTITIES.update({q.name: q for q in declared})
         return function
 
     return decorator
