@@ -66,15 +66,16 @@ def warn(message: str) -> None:
 @contextlib.contextmanager
 def store_warnings() -> Iterator[None]:
     """Print each line the results store skipped (:class:`StoreWarning`) as one warning, even when the block
-    fails."""
+    fails, and once even when the block read the store twice (``status`` plans, then reads; ``compare`` reads
+    both sides)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StoreWarning)
         try:
             yield
         finally:
-            for warning in caught:
-                if issubclass(warning.category, StoreWarning):
-                    warn(str(warning.message))
+            skipped = [str(w.message) for w in caught if issubclass(w.category, StoreWarning)]
+            for message in dict.fromkeys(skipped):
+                warn(message)
 
 
 def _print_version(value: bool) -> None:
