@@ -11,7 +11,11 @@ cell's identity, and :attr:`Comparison.environment_differences` says where the t
 The seams: the decision rules are pure statistics (:mod:`drbench.stats`); which rule judges a metric, where its
 observations are and its unit are the metric's own declaration (:class:`drbench.metric_registry.Quantity`); the
 sides and git are :mod:`drbench.sides`; the text, JSON and Markdown are :mod:`drbench.compare_format`. This module
-matches the cells and applies each quantity's rule.
+matches the cells and applies each quantity's rule. drbench's own metrics declare: ``latency`` and
+``latency.train`` raw samples (:func:`~drbench.stats.decide_samples`), ``macs`` and ``params`` any change
+(:func:`~drbench.stats.decide_exact`), ``memory`` beyond the threshold (:func:`~drbench.stats.decide_threshold`,
+also the rule of a metric no registered metric declares), ``accuracy`` one figure per seed, higher is better
+(:func:`~drbench.stats.decide_seeds`).
 
 Latency (raw samples, :func:`drbench.stats.decide_samples`): where every run on both sides timed drbench's reference
 kernel in turns with the cell (:func:`drbench.measure.timing.time_with_reference`) and the torch versions agree,
