@@ -76,6 +76,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(map(str, first["loc"]))
+        if first["type"] == "missing":
+            raise CheckpointError(f"{path}: checkpoint lacks {field}") from None
         raise CheckpointError(f"{path}: {field}: {first['msg']} (got {short_repr(first.get('input'))})") from None
     return Checkpoint(
         model_config=stored.model_settings,
