@@ -23,7 +23,7 @@ from drbench.environment import run_git
 from drbench.results import read_records
 
 ENVIRONMENT_KEYS = ("threads", "machine", "device_name", "cpu_model", "torch_version", "cuda_version",
-                    "cudnn_benchmark", "python_version", "region_conv_impl")
+                    "cudnn_benchmark", "python_version", "region_conv_impl", "drconv_impl")
 """Environment fields whose difference between the two sides the comparison reports."""
 
 
