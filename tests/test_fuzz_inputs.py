@@ -203,8 +203,12 @@ def test_mutated_records_are_read_or_skipped_cleanly_by_every_reader(records, da
         store.parent.mkdir(parents=True)
         store.write_bytes(data.draw(encoded(lines)))
         stored = {store: store.read_bytes()}
-        command = data.draw(st.sampled_from(["show", "compare", "history", "report"]))
-        if command == "show":
+        command = data.draw(st.sampled_from(["show", "compare", "history", "report", "status", "run"]))
+        (root / "handmade.yaml").write_text(yaml.safe_dump({**SUITE, "name": "handmade", "metrics": ["macs"]}))
+        if command in ("status", "run"):  # the store read as a suite's: plan, resume, claims
+            check(*(["status", "results", "--suite"] if command == "status" else ["run"]), "handmade.yaml",
+                  "--dry-run" if command == "run" else "--all", root=root, stored=stored)
+        elif command == "show":
             check("show", store, root=root, stored=stored)
         elif command == "compare":
             check("compare", store, store, "--format", data.draw(st.sampled_from(["table", "markdown", "json"])),
