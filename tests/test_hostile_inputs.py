@@ -379,3 +379,12 @@ def test_show_copes_with_a_latency_without_its_spread_and_skips_numbers_beyond_6
     result = cli("show", store)
     assert result.exit_code == 0 and "10 ms" in result.stdout
     assert "run.jsonl:2: skipped" in result.stderr and "64 bits" in result.stderr
+
+
+def test_profile_and_train_flags_are_bounded_like_suites(workdir):
+    result = cli("profile", "mobilenetv1", "--op", "drconv", "--regions", "100000")
+    assert result.exit_code == 2 and "--regions 100000: expected at most 1024" in result.stderr
+    result = cli("profile", "mobilenetv1", "--input-size", "100000")
+    assert result.exit_code == 2 and "--input-size" in result.stderr
+    result = cli("train", "mobilenetv1", "--op", "condconv", "--experts", "5000")
+    assert result.exit_code == 2 and "--experts 5000" in result.stderr

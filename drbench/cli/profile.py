@@ -13,13 +13,16 @@ from drbench.cli.app import app, console, fail, list_app, warn
 from drbench.cli.options import op_options
 from drbench.measure.complexity import Complexity, complexity
 from drbench.models import create_model, get_model, list_models
+from drbench.suite import MAX_INPUT_SIZE
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
     """``"224"`` -> (224, 224); ``"112x96"`` -> (112, 96)."""
     parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
-        raise ValueError(f"--input-size must be a positive size such as 224 or 112x96, got {text!r}")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and 0 < int(part) <= MAX_INPUT_SIZE
+                                           for part in parts):
+        raise ValueError(f"--input-size must be a positive size up to {MAX_INPUT_SIZE} such as 224 or 112x96, "
+                         f"got {text!r}")
     height, width = (int(parts[0]), int(parts[-1]))
     return height, width
 
