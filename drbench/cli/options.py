@@ -60,5 +60,6 @@ def op_options(op: str, **given: Optional[int]) -> dict[str, int]:
         if OPTION_OWNERS[name] != op:
             raise ValueError(f"--{name} applies to --op {OPTION_OWNERS[name]}, not --op {op}")
         if value > MAX_OPTION_VALUE:
-            raise ValueError(f"--{name} {value}: expected at most {MAX_OPTION_VALUE} (the operator's size grows with it)")
+            raise ValueError(f"--{name} {value}: expected at most {MAX_OPTION_VALUE} (the operator's size grows "
+                             "with it)")
     return options
