@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from drbench.data import Normalization
+from drbench.record import short_repr
 
 FORMAT = "drbench-checkpoint/1"
 
@@ -38,11 +40,16 @@ class Checkpoint:
     result: dict[str, Any]
 
     def build_model(self) -> nn.Module:
-        """The trained model, in eval mode, on the CPU."""
+        """The trained model, in eval mode, on the CPU; CheckpointError when the stored configuration does not
+        build it or the stored weights do not fit it."""
         from drbench.models import create_model
 
-        model = create_model(**self.model_config)
-        model.load_state_dict(self.state_dict)
+        try:
+            model = create_model(**self.model_config)
+            model.load_state_dict(self.state_dict)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"the checkpoint's model does not build ({type(error).__name__}: "
+                                  f"{short_repr(str(error), 300)})") from None
         return model.eval()
 
     def save(self, path: str | Path) -> Path:
@@ -64,14 +71,38 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a drbench checkpoint (expected format {FORMAT!r})")
-    missing = {"model_config", "state_dict", "normalization", "data", "result"} - content.keys()
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(sorted(missing))}")
-    stats = content["normalization"]
+    try:
+        stored = _Stored.model_validate(content)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(map(str, first["loc"]))
+        if first["type"] == "missing":
+            raise CheckpointError(f"{path}: checkpoint lacks {field}") from None
+        raise CheckpointError(f"{path}: {field}: {first['msg']} (got {short_repr(first.get('input'))})") from None
     return Checkpoint(
-        model_config=content["model_config"],
-        state_dict=content["state_dict"],
-        normalization=Normalization(tuple(stats["mean"]), tuple(stats["std"])),
-        data=content["data"],
-        result=content["result"],
+        model_config=stored.model_settings,
+        state_dict=stored.state_dict,
+        normalization=Normalization(tuple(stored.normalization.mean), tuple(stored.normalization.std)),
+        data=stored.data,
+        result=stored.result,
     )
+
+
+class _Statistics(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+
+class _Stored(BaseModel):
+    """The content of a checkpoint file, typed: a field of the wrong type is named, never a traceback later."""
+
+    model_config = ConfigDict(strict=True, arbitrary_types_allowed=True, protected_namespaces=())
+
+    format: str
+    model_settings: dict[str, Any] = Field(alias="model_config")
+    state_dict: dict[str, torch.Tensor]
+    normalization: _Statistics
+    data: dict[str, str | int | float | bool | None]
+    result: dict[str, Any]

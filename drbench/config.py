@@ -20,9 +20,11 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from drbench.record import short_repr
 
 CONFIG_FILE = "drbench.toml"
 
@@ -58,13 +60,21 @@ class RunSettings(_Section):
     )
 
 
+# The bounds of the latency settings, shared by [timing] and a suite's `metrics: {latency: ...}` so that neither
+# can ask for a measurement that never ends (an infinite budget) or cannot start (a negative one).
+BudgetSeconds = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
+WarmupCalls = Annotated[int, Field(ge=0, le=10_000)]
+MinBlocks = Annotated[int, Field(ge=2, le=10_000)]
+RelativeIqr = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+
+
 class TimingSettings(_Section):
     """Defaults of the ``latency`` metric; a suite's ``metrics.latency`` section overrides them per suite."""
 
-    budget_s: float = Field(1.0, gt=0, description="time spent in timed blocks per measurement, at most")
-    warmup: int = Field(3, ge=0, description="untimed calls before timing")
-    min_blocks: int = Field(5, ge=2, description="timed blocks before the spread is judged")
-    target_rel_iqr: float = Field(0.05, gt=0, description="stop once IQR/median is at most this")
+    budget_s: BudgetSeconds = Field(1.0, description="time spent in timed blocks per measurement, at most")
+    warmup: WarmupCalls = Field(3, description="untimed calls before timing")
+    min_blocks: MinBlocks = Field(5, description="timed blocks before the spread is judged")
+    target_rel_iqr: RelativeIqr = Field(0.05, description="stop once IQR/median is at most this")
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {}
@@ -146,15 +156,22 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             first = error.errors()[0]
             key = f"{name}.{first['loc'][0]}" if first["loc"] else name
             origin = "command line" if sources.get(key) == FLAG_SOURCE else str(file)
-            raise ConfigError(f"{origin}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+            raise ConfigError(f"{origin}: {key}: {first['msg']} (got {short_repr(first.get('input'))})") from None
     return Config(sections, sources, file if file.is_file() else None)
 
 
 def _read_toml(file: Path) -> dict[str, dict[str, Any]]:
     try:
-        data = tomllib.loads(file.read_text())
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read configuration file ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{file}: not a configuration file (byte {error.start} is not UTF-8 text; expected TOML)"
+                          ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{file}: not valid TOML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: not valid TOML: nested too deeply") from None
     for section, values in data.items():
         if section not in _SECTIONS:
             raise ConfigError(f"{file}: unknown section [{section}]; expected one of: {', '.join(_SECTIONS)}")

@@ -15,11 +15,11 @@ observations the rule finds unchanged, and closest in ratio, are merged, until e
 The boundaries left are the steps. Pooling lets slow drifts accumulate into a detectable step, and a one-commit
 spike that is later undone shows as two steps (up, then down), each at the commit that caused it.
 
->>> history = load_history("results", metric="latency", suite="quick")      # doctest: +SKIP
->>> for cell in history.cells:                                               # doctest: +SKIP
-...     for step in cell.steps:
-...         print(cell.label, step.commit, f"{step.decision.ratio:.2f}x")
->>> plot_history(history, "reports/history-latency.png")                     # doctest: +SKIP
+>>> history = load_history("results", metric="latency", suite="quick")
+>>> len(history.cells), [point.label for point in history.cells[0].points], history.steps
+(6, ['1a2b3c4', '5e6f7a8'], [])
+>>> plot_history(history, "reports/history-latency.png")
+PosixPath('reports/history-latency.png')
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from drbench.compare import (
-    DEFAULT_THRESHOLD, METRIC_UNITS, Decision, MetricRule, Verdict, cell_label, commit_label, record_time, rule_for,
-    shorten_labels,
-)
+from drbench.compare_format import shorten_labels
+from drbench.metric_registry import Quantity, quantity
 from drbench.environment import run_git
+from drbench.record import is_commit
 from drbench.results import read_records
-from drbench.suite import matches, parse_filter
+from drbench.sides import commit_label, record_time
+from drbench.stats import DEFAULT_THRESHOLD, Decision, Verdict
+from drbench.suite import label, matches, parse_filter
 
 GIT_ORDER = "git history"
 
@@ -97,11 +98,11 @@ def build_history(records: Iterable[Mapping[str, Any]], metric: str = "latency",
                   cell: str | None = None, threshold: float = DEFAULT_THRESHOLD,
                   repo: str | Path | None = None) -> History:
     """:func:`load_history` on records already read. Raises ValueError when nothing is selected."""
-    rule = rule_for(metric)
+    rule = quantity(metric)
     rule_filter = parse_filter(cell) if cell else None
     selected = [r for r in records if r.get("status") == "ok" and (suite is None or r.get("suite") == suite)
                 and (rule_filter is None or matches(r.get("config", {}), rule_filter))
-                and rule.read(r.get("metrics", {})) is not None]
+                and rule.observations(r.get("metrics", {})) is not None]
     if not selected:
         raise ValueError(f"no successful records with metric {metric!r} match "
                          f"suite={suite or 'any'}, cell={cell or 'any'}")
@@ -116,26 +117,27 @@ def build_history(records: Iterable[Mapping[str, Any]], metric: str = "latency",
     cells = []
     for (suite_name, key, machine, threads), cell_records in sorted(series.items()):
         points = _points(cell_records, rule, positions)
-        label = cell_label(cell_records[0]["config"])
+        name = label(cell_records[0]["config"])
         if several_environments:
-            label += f" threads={threads} machine={machine}"
-        cells.append(CellHistory(suite_name, key, label, tuple(points), tuple(find_steps(points, rule, threshold))))
+            name += f" threads={threads} machine={machine}"
+        cells.append(CellHistory(suite_name, key, name, tuple(points), tuple(find_steps(points, rule, threshold))))
     return History(metric, threshold, order, tuple(cells))
 
 
 def commit_positions(commits: set[str], repo: str | Path | None = None) -> dict[str, int] | None:
     """Each commit's position in git history, oldest first; None when git does not know all of them."""
-    if not commits:
+    if not commits or not all(map(is_commit, commits)):  # a record's text never reaches git as an option
         return None
     try:
-        listed = run_git("rev-list", "--topo-order", "--reverse", *sorted(commits), repo=repo).split()
+        listed = run_git("rev-list", "--topo-order", "--reverse", "--end-of-options", *sorted(commits),
+                         repo=repo).split()
     except (OSError, subprocess.SubprocessError):
         return None
     positions = {commit: index for index, commit in enumerate(listed)}
     return positions if commits <= positions.keys() else None
 
 
-def _points(records: Sequence[Mapping[str, Any]], rule: MetricRule,
+def _points(records: Sequence[Mapping[str, Any]], rule: Quantity,
             positions: dict[str, int] | None) -> list[HistoryPoint]:
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for record in sorted(records, key=record_time):
@@ -145,7 +147,7 @@ def _points(records: Sequence[Mapping[str, Any]], rule: MetricRule,
         groups.setdefault(key, []).append(record)
     points = []
     for (commit, _), group in groups.items():
-        observations = tuple(v for record in group for v in rule.read(record["metrics"]))
+        observations = tuple(v for record in group for v in rule.observations(record["metrics"]))
         label = commit_label(group[0]["env"]) if commit else str(group[0].get("run_id") or "unknown")[:16]
         points.append(HistoryPoint(commit, label, record_time(group[0])[0], observations))
 
@@ -158,7 +160,7 @@ def _points(records: Sequence[Mapping[str, Any]], rule: MetricRule,
     return sorted(points, key=position)
 
 
-def find_steps(points: Sequence[HistoryPoint], rule: MetricRule, threshold: float) -> list[StepChange]:
+def find_steps(points: Sequence[HistoryPoint], rule: Quantity, threshold: float) -> list[StepChange]:
     """Step changes of a series by bottom-up merging of segments with ``rule`` (see the module docstring)."""
     segments = [[point] for point in points]
     while len(segments) > 1:
@@ -179,7 +181,7 @@ def find_steps(points: Sequence[HistoryPoint], rule: MetricRule, threshold: floa
     return steps
 
 
-def _judge(left: list[HistoryPoint], right: list[HistoryPoint], rule: MetricRule, threshold: float) -> Decision:
+def _judge(left: list[HistoryPoint], right: list[HistoryPoint], rule: Quantity, threshold: float) -> Decision:
     return rule.judge(_pooled(left), _pooled(right), threshold)
 
 
@@ -198,8 +200,8 @@ def plot_history(history: History, out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    rule = rule_for(history.metric)
-    scale, unit = METRIC_UNITS.get(history.metric, (1.0, ""))
+    rule = quantity(history.metric)
+    scale, unit = rule.scale, rule.unit
     columns = min(3, len(history.cells))
     rows = math.ceil(len(history.cells) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
@@ -236,7 +238,7 @@ def plot_history(history: History, out: str | Path) -> Path:
     return out
 
 
-def _spread(observations: Sequence[float], rule: MetricRule) -> tuple[float, float]:
+def _spread(observations: Sequence[float], rule: Quantity) -> tuple[float, float]:
     if len(observations) < 2:
         return observations[0], observations[0]
     if rule.centre is statistics.fmean:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from drbench.checkpoint import Checkpoint
+from drbench.checkpoint import Checkpoint, CheckpointError
 from drbench.data import get_dataset
 from drbench.ops.drconv import DRConv2d
 
@@ -46,7 +46,10 @@ def guided_masks(model: nn.Module, inputs: torch.Tensor) -> list[LayerMask]:
 
 def checkpoint_masks(checkpoint: Checkpoint, count: int = 4) -> tuple[torch.Tensor, list[LayerMask]]:
     """The first ``count`` held-out images of the checkpoint's data set (uint8) and the masks its model draws."""
-    test_set = get_dataset(split="test", limit=count, **checkpoint.data)
+    try:
+        test_set = get_dataset(split="test", limit=count, **checkpoint.data)
+    except TypeError as error:  # a key get_dataset does not take
+        raise CheckpointError(f"the checkpoint's data set does not load ({error})") from None
     model = checkpoint.build_model()
     return test_set.images, guided_masks(model, checkpoint.normalization(test_set.images))
 

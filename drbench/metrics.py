@@ -1,133 +1,28 @@
-"""Metric registry: what a suite's ``metrics:`` section can name, and the built-in metrics.
+"""drbench's own metrics: MACs, parameters, latency and memory (the trainer's ``accuracy`` is in
+:mod:`drbench.measure.accuracy`). Each registers, with :func:`drbench.metric_registry.register_metric`, how to
+measure it and the quantities it stores, so that every reader shows and judges them alike.
 
-A metric is a function of one cell, registered with its settings model::
-
-    class LatencySettings(BaseModel):            # validated from the suite's `metrics: {latency: {...}}`
-        model_config = ConfigDict(extra="forbid", strict=True)
-        budget_s: float
-        ...
-
-    @register_metric("latency", settings=LatencySettings, defaults_from="timing")
-    def measure_latency(cell: Cell, settings: LatencySettings, context: RunContext) -> dict:
-        model, x = cell.build_model(), cell.example_input()
-        ...
-        return {"value": median_seconds, "samples": [...], ...}
-
-- ``cell`` (:class:`drbench.suite.Cell`) is the resolved configuration (model, width, op, op_options,
-  input_size, placement, small_input, num_classes, batch_size, dtype, device, never ``auto``);
-  ``cell.build_model(seed)`` and ``cell.example_input(seed)`` build what it describes.
-- ``settings`` is an instance of the registered pydantic model. Fields that also exist in the ``drbench.toml``
-  section named by ``defaults_from`` take their defaults from it (the suite overrides them); an unknown key or a
-  wrong type in the suite is a suite error before anything runs.
-- ``context`` (:class:`RunContext`) carries the effective config, the thread count and ``context.status(text)``,
-  which shows progress within a long cell (epochs, seeds) in the run's progress bar.
-- The function returns a JSON-able dict: ``"value"`` is the headline figure (it becomes the results column named
-  after the metric; the other keys become ``<metric>.<key>`` columns) and raw data (samples, curves) go beside it.
-  Raising an exception records the cell as an error; the suite goes on.
-
-A module that registers a metric must be imported before suites are loaded (the built-in ones register here).
-
->>> sorted(list_metrics())
-['latency', 'macs', 'memory', 'params']
+>>> from drbench.metric_registry import list_metrics
+>>> [name for name in list_metrics() if name in ("macs", "params", "latency", "memory")]
+['macs', 'params', 'latency', 'memory']
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from drbench.config import Config
+from drbench.config import BudgetSeconds, MinBlocks, RelativeIqr, WarmupCalls
 from drbench.measure.memory import forward_peak_memory
 from drbench.measure.timing import forward_latency, train_step_latency
+from drbench.metric_registry import (
+    MetricSettings, Quantity, RunContext, register_metric, relative_samples, samples,
+)
+from drbench.stats import decide_exact, decide_samples, decide_threshold
 
 if TYPE_CHECKING:
     from drbench.suite import Cell
-
-MetricFunction = Callable[["Cell", Any, "RunContext"], dict]
-
-
-class MetricSettings(BaseModel):
-    """Base of metric settings models: unknown keys and loose types are errors."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    function: MetricFunction
-    settings: type[BaseModel]
-    defaults_from: str | None
-    description: str
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What a metric may use beyond its cell: the effective settings and a way to report progress."""
-
-    config: Config
-    threads: int
-    status: Callable[[str], None] = field(default=lambda text: None)
-
-
-_REGISTRY: dict[str, MetricSpec] = {}
-
-
-def register_metric(
-    name: str,
-    *,
-    settings: type[BaseModel] = MetricSettings,
-    defaults_from: str | None = None,
-    description: str = "",
-) -> Callable[[MetricFunction], MetricFunction]:
-    """Register ``function(cell, settings, context) -> dict`` as metric ``name`` (see the module docstring)."""
-
-    def decorator(function: MetricFunction) -> MetricFunction:
-        if name in _REGISTRY:
-            raise ValueError(f"metric {name!r} is already registered")
-        summary = description or (function.__doc__ or "").strip().splitlines()[0]
-        _REGISTRY[name] = MetricSpec(name, function, settings, defaults_from, summary)
-        return function
-
-    return decorator
-
-
-def list_metrics() -> list[str]:
-    """Names of the registered metrics, in registration order."""
-    return list(_REGISTRY)
-
-
-def get_metric(name: str) -> MetricSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown metric {name!r}; expected one of: {', '.join(_REGISTRY)}") from None
-
-
-def resolve_settings(spec: MetricSpec, given: Mapping[str, Any], config: Config) -> BaseModel:
-    """``spec``'s settings from the suite's ``given`` values over the defaults of its ``drbench.toml`` section.
-
-    Raises pydantic's ``ValidationError`` for unknown keys or wrong types.
-    """
-    defaults: dict[str, Any] = {}
-    if spec.defaults_from is not None:
-        section = config.section(spec.defaults_from)
-        shared = type(section).model_fields.keys() & spec.settings.model_fields.keys()
-        defaults = {key: getattr(section, key) for key in shared}
-    return spec.settings.model_validate({**defaults, **given})
-
-
-def measure_cell(cell: Cell, metrics: Mapping[str, BaseModel], context: RunContext) -> dict[str, dict]:
-    """Run each metric on ``cell`` in order; an exception propagates (the runner records it)."""
-    results = {}
-    for name, settings in metrics.items():
-        context.status(name)
-        results[name] = get_metric(name).function(cell, settings, context)
-    return results
-
 
 # Built-in metrics -----------------------------------------------------------------------------------------------
 
@@ -139,10 +34,10 @@ class ComplexitySettings(MetricSettings):
 class LatencySettings(MetricSettings):
     """Defaults from ``[timing]`` in drbench.toml; ``training`` adds the latency of a training step."""
 
-    budget_s: float
-    warmup: int
-    min_blocks: int
-    target_rel_iqr: float
+    budget_s: BudgetSeconds
+    warmup: WarmupCalls
+    min_blocks: MinBlocks
+    target_rel_iqr: RelativeIqr
     training: bool = False
 
 
@@ -162,7 +57,8 @@ def _complexity(cell: Cell):
     return _complexity_cache[key]
 
 
-@register_metric("macs", settings=ComplexitySettings)
+@register_metric("macs", settings=ComplexitySettings,
+                 quantities=[Quantity("macs", unit="M", scale=1e-6, decide=decide_exact, column="MACs")])
 def measure_macs(cell: Cell, settings: ComplexitySettings, context: RunContext) -> dict:
     """Multiply-adds per image (fvcore, drbench's operator handles) and the FLOPs the implementation executes."""
     counted = _complexity(cell).to_dict()
@@ -173,13 +69,18 @@ def measure_macs(cell: Cell, settings: ComplexitySettings, context: RunContext) 
     return result
 
 
-@register_metric("params")
+@register_metric("params", quantities=[Quantity("params", unit="M", scale=1e-6, decide=decide_exact)])
 def measure_params(cell: Cell, settings: MetricSettings, context: RunContext) -> dict:
     """Learnable parameters of the model."""
     return {"value": _complexity(cell).params}
 
 
-@register_metric("latency", settings=LatencySettings, defaults_from="timing")
+@register_metric("latency", settings=LatencySettings, defaults_from="timing", quantities=[
+    Quantity("latency", unit="ms", scale=1e3, read=samples("latency"), decide=decide_samples,
+             relative=relative_samples("latency")),
+    Quantity("latency.train", unit="ms", scale=1e3, read=samples("latency", "train"), decide=decide_samples,
+             relative=relative_samples("latency", "train"), column="training step"),
+])
 def measure_latency(cell: Cell, settings: LatencySettings, context: RunContext) -> dict:
     """Forward latency in eval mode under inference_mode (and optionally a training step), raw samples kept, each
     timed in turns with drbench's reference kernel (whose samples :mod:`drbench.compare` divides by)."""
@@ -195,7 +96,7 @@ def measure_latency(cell: Cell, settings: LatencySettings, context: RunContext) 
     return result
 
 
-@register_metric("memory")
+@register_metric("memory", quantities=[Quantity("memory", unit="MiB", scale=2.0**-20, decide=decide_threshold)])
 def measure_memory(cell: Cell, settings: MetricSettings, context: RunContext) -> dict:
     """Peak memory of one forward pass beyond parameters and input (see drbench.measure.memory)."""
     model, example = cell.build_model(), cell.example_input()
@@ -209,6 +110,3 @@ def measure_memory(cell: Cell, settings: MetricSettings, context: RunContext) ->
     }
 
 
-# The trainer registers ``accuracy``; importing it here makes the metric known wherever suites are read, with or
-# without the CLI. It sits last because it imports this module's registry.
-from drbench.measure import accuracy as _accuracy  # noqa: E402,F401

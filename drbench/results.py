@@ -4,7 +4,7 @@ Layout: ``<results_dir>/<suite>/<run-id>.jsonl``, one file per ``drbench run`` (
 process id, so names never collide). A record is appended, flushed and fsync'ed the moment its cell finishes, so a
 crash or Ctrl-C loses at most the cell in flight. Each record holds::
 
-    schema          1 (the record format version)
+    schema          1 (the record format version; :class:`drbench.record.Record` is the typed form)
     suite, run_id   which suite and which run wrote it
     config          the cell's full configuration (flat: model, width, op, operator options, input_size, ...)
     config_hash     SHA-256 of the canonical JSON of ``config`` (16 hex digits): the cell's identity across runs,
@@ -17,17 +17,22 @@ crash or Ctrl-C loses at most the cell in flight. Each record holds::
     started, duration_s
 
 Readers (:func:`read_records`, :func:`load`) take a file or a folder (every ``*.jsonl`` below it, so the files
-of several runs, workers or machines merge by reading them together). A line that does not parse, such as the
-truncated last line of a killed writer, is skipped with a :class:`StoreWarning`, never an unreadable store.
+of several runs, workers or machines merge by reading them together). Every line goes through the typed
+:class:`~drbench.record.Record`: a line that does not parse or validate, such as the truncated last line of a killed
+writer or a hand-edited record, is skipped with a :class:`StoreWarning` naming its file and line, never an
+unreadable store.
 
 Concurrency: each writer owns its file, so writers never interleave bytes. A run also holds an exclusive
 ``flock`` on ``<suite>/.lock`` (:meth:`ResultsStore.lock`), so a second ``drbench run`` of the same suite into the
 same folder is refused with a clear message rather than measuring the same cells twice; workers of one run (later
 executors) write their own run files under the parent's lock.
 
->>> store = ResultsStore("results/quick")                       # doctest: +SKIP
->>> frame = load("results/quick")                               # doctest: +SKIP
->>> frame[["model", "op", "macs", "latency", "latency.noisy"]]   # doctest: +SKIP
+>>> store = ResultsStore("results/quick")
+>>> len(store.records()), len(store.completed())
+(12, 12)
+>>> frame = load("results/quick")
+>>> frame[["model", "op", "macs", "latency"]].head(2).values.tolist()
+[['shufflenetv2', 'conv', 1000000, 0.002], ['shufflenetv2', 'condconv', 2000000, 0.004]]
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import pandas as pd
+from pydantic import ValidationError
 
-SCHEMA_VERSION = 1
+from drbench.record import Record, short_repr
+
 LOCK_FILE = ".lock"
 
 
@@ -80,9 +87,14 @@ class RunWriter:
         self._file = path.open("a", encoding="utf-8")
 
     def append(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Validate ``record`` as a :class:`Record` (a line readers would skip is never written) and store it."""
+        line = json.dumps(Record.model_validate(record).to_dict(), separators=(",", ":"))
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:  # a full disk says so without a file name: name the file
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
         self.count += 1
 
     def close(self) -> None:
@@ -158,24 +170,51 @@ def result_files(path: str | Path) -> list[Path]:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Every readable record in a results file or folder; unreadable lines are skipped with a StoreWarning."""
+    """Every valid record in a results file or folder, as :meth:`drbench.record.Record.to_dict` gives it.
+
+    A file that cannot be read, and a line that is not UTF-8, not JSON or not a valid :class:`Record`, is skipped
+    with one :class:`StoreWarning` naming the file and line (and the field at fault); the rest of the store stays
+    usable and nothing is changed on disk.
+    """
     records = []
     for file in result_files(path):
-        lines = file.read_text(encoding="utf-8").split("\n")
+        try:
+            lines = file.read_bytes().split(b"\n")
+        except OSError as error:
+            warnings.warn(f"{file}: skipped unreadable file ({error.strerror})", StoreWarning, stacklevel=2)
+            continue
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "config_hash" not in record:
-                    raise ValueError("not a drbench record")
+                records.append(parse_record(line))
             except ValueError as error:
-                last = number == len(lines)  # a complete last line ends with a newline, so lines[-1] == ""
+                last = number == len(lines)  # a complete last line ends with a newline, so lines[-1] == b""
                 what = "truncated last line" if last else "unreadable line"
                 warnings.warn(f"{file}:{number}: skipped {what} ({error})", StoreWarning, stacklevel=2)
-                continue
-            records.append(record)
     return records
+
+
+def parse_record(line: bytes | str) -> dict:
+    """One results file line as a valid record's dict; ValueError saying what is wrong (and where) otherwise."""
+    text = line.decode("utf-8") if isinstance(line, bytes) else line
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(data, dict) or "config_hash" not in data:
+        raise ValueError("not a drbench record")
+    try:
+        return Record.model_validate(data).to_dict()
+    except ValidationError as error:
+        raise ValueError(f"invalid record: {validation_message(error)}") from None
+
+
+def validation_message(error: ValidationError) -> str:
+    """The first error of a validation as ``field.path: message (got value)``, the value cut short."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "record"
+    return f"{where}: {first['msg']} (got {short_repr(first.get('input'))})"
 
 
 def load(path: str | Path) -> pd.DataFrame:

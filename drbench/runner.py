@@ -17,9 +17,14 @@
   fixed with ``torch.set_num_threads`` for the whole run and recorded in every record.
 
 >>> from drbench.config import load_config
->>> from drbench.suite import load_suite
+>>> from drbench.suite import parse_suite
 >>> config = load_config()
->>> summary = run_suite(load_suite("suites/quick.yaml", config), config)      # doctest: +SKIP
+>>> suite = parse_suite("{name: tiny, fixed: {model: mobilenetv1, width: 0.25, input_size: 16}, metrics: [macs]}")
+>>> summary = run_suite(suite, config, device="cpu", results_dir="results")
+>>> summary.ok, summary.skipped, summary.results_file.parent
+(1, 0, PosixPath('results/tiny'))
+>>> run_suite(suite, config, device="cpu", results_dir="results").skipped      # resumed: measured once
+1
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from drbench.config import Config
 from drbench.environment import capture_environment
 from drbench.executors import Dispatch, PartOutcome, job_device
 from drbench.measure.timing import fixed_threads
-from drbench.results import SCHEMA_VERSION, ResultsStore, new_run_id, resume_key
+from drbench.record import SCHEMA_VERSION
+from drbench.results import ResultsStore, new_run_id, resume_key
 from drbench.suite import Cell, Suite, matches, parse_filter
 
 
@@ -139,6 +145,8 @@ def run_suite(
 ) -> RunSummary:
     """Measure every planned cell that is not already stored; see the module docstring."""
     observer = observer or _SilentObserver()
+    if only:
+        parse_filter(only)  # a bad filter is refused before the store folder and its lock are created
     store = _store(suite, config, results_dir)
     with store.lock(), fixed_threads(config.get("run.threads")) as threads:
         planned = plan(suite, config, device=device, only=only, force=force, results_dir=results_dir)

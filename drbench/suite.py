@@ -34,9 +34,9 @@ Any mistake (YAML syntax, an unknown key, a wrong type, an unknown model, operat
 an operator option its operator rejects) raises :class:`SuiteError` with one message naming the file, the line,
 the field and what was expected.
 
->>> suite = load_suite("suites/quick.yaml")      # doctest: +SKIP
->>> [cell.label() for cell in suite.cells][:1]    # doctest: +SKIP
-['shufflenetv2 0.5x conv 64px b1']
+>>> suite = load_suite("suites/quick.yaml")
+>>> len(suite.cells), suite.cells[1].label()
+(6, 'shufflenetv2 0.5x condconv(experts=4) 32px b2 small_input=True num_classes=10')
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,27 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+# drbench's own metrics register on import, in the order listings and errors show them: accuracy last
+import drbench.metrics  # noqa: F401  # isort: skip
+import drbench.measure.accuracy  # noqa: F401  # isort: skip
 from drbench.config import Config, load_config
-from drbench.metrics import get_metric, list_metrics, resolve_settings
+from drbench.metric_registry import get_metric, list_metrics, resolve_settings
 from drbench.models import create_model, get_model, list_models
 from drbench.ops import create_conv, get_op, list_ops
+from drbench.record import check_suite_name, short_repr
+from drbench.safe_yaml import YamlError, load_yaml
+
+MAX_INPUT_SIZE = 8192
+"""The largest input side a cell may ask for (pixels)."""
+
+MAX_OPTION_VALUE = 1024
+"""The largest integer operator option (``regions``, ``experts``, ``hidden_channels``, ...): operators grow their
+filters and memory with it, so a typo such as ``regions: 100000`` would take gigabytes at run time."""
+
+MAX_CELLS = 10_000
+"""The most cells a suite may expand to (each is validated by building a layer, then measured)."""
+
+InputSide = Annotated[int, Field(ge=1, le=MAX_INPUT_SIZE)]
 
 SUITE_KEYS = ("name", "description", "fixed", "axes", "include", "exclude", "metrics")
 FieldPath = tuple[str | int, ...]
@@ -86,7 +104,7 @@ class Cell(BaseModel):
     width: float = Field(1.0, gt=0)
     op: str = "conv"
     op_options: dict[str, Any] = Field(default_factory=dict)
-    input_size: int | tuple[int, int] = 224
+    input_size: InputSide | tuple[InputSide, InputSide] = 224
     placement: str = "default"
     small_input: bool = False
     num_classes: int | None = Field(None, ge=1, description="None: the family's default output size")
@@ -120,6 +138,11 @@ class Cell(BaseModel):
     @classmethod
     def _options_build(cls, options: dict[str, Any], info) -> dict[str, Any]:
         """Build one small layer with these options: the operator's own checks say what is wrong."""
+        for name, value in options.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_OPTION_VALUE:
+                raise PydanticCustomError("invalid_setting", "{message}", {
+                    "message": f"{name}={value}: expected at most {MAX_OPTION_VALUE} (the operator's size grows "
+                               "with it)"})
         if "op" in info.data:
             op = info.data["op"]
             _as_custom_error(lambda: create_conv(op, 8, 8, 1, input_size=(8, 8), **options))
@@ -143,16 +166,8 @@ class Cell(BaseModel):
         return config_hash(self.config())
 
     def label(self) -> str:
-        """A short human name: ``mobilenetv2 0.5x drconv(regions=8) 224px b1`` plus any non-default setting."""
-        options = ",".join(f"{k}={v}" for k, v in self.op_options.items())
-        size = self.input_size if isinstance(self.input_size, int) else "x".join(map(str, self.input_size))
-        parts = [self.model, f"{self.width:g}x", f"{self.op}({options})" if options else self.op, f"{size}px",
-                 f"b{self.batch_size}"]
-        defaults = cell_defaults()
-        for name in ("placement", "small_input", "num_classes", "dtype"):
-            if getattr(self, name) != defaults[name]:
-                parts.append(f"{name}={getattr(self, name)}")
-        return " ".join(parts)
+        """A short human name: :func:`label` of :meth:`config`."""
+        return label(self.config())
 
     def with_device(self, device: str) -> Cell:
         return self.model_copy(update={"device": device})
@@ -201,6 +216,30 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 CELL_KEYS = tuple(name for name in Cell.model_fields if name != "op_options")
 
+LABEL_SETTINGS = ("placement", "small_input", "num_classes", "dtype")
+"""Cell settings a label names only where they differ from the default."""
+
+
+def label(config: Mapping[str, Any]) -> str:
+    """A cell's short human name from its flat configuration (:meth:`Cell.config`, a record's ``config``): model,
+    width, operator with its options, input size and batch size, then each of :data:`LABEL_SETTINGS` that is not
+    the default. Pure: nothing is validated or built, so it names any stored record alike.
+
+    >>> label({"model": "mobilenetv2", "width": 0.5, "op": "drconv", "input_size": [112, 96], "regions": 8})
+    'mobilenetv2 0.5x drconv(regions=8) 112x96px b1'
+    >>> label({"model": "shufflenetv2", "dtype": "float16"})
+    'shufflenetv2 1x conv 224px b1 dtype=float16'
+    """
+    defaults = cell_defaults()
+    setting = lambda name: config.get(name, defaults.get(name))  # noqa: E731
+    options = ",".join(f"{key}={value}" for key, value in config.items() if key not in CELL_KEYS)
+    op, size, width = setting("op"), setting("input_size"), setting("width")
+    parts = [str(config.get("model", "?")), f"{width:g}x" if isinstance(width, (int, float)) else f"{width}x",
+             f"{op}({options})" if options else str(op),
+             f"{'x'.join(map(str, size)) if isinstance(size, (list, tuple)) else size}px", f"b{setting('batch_size')}"]
+    parts += [f"{name}={setting(name)}" for name in LABEL_SETTINGS if setting(name) != defaults[name]]
+    return " ".join(parts)
+
 
 def cell_defaults() -> dict[str, Any]:
     """The default of every cell setting (``model`` has none: every cell must name one)."""
@@ -241,12 +280,9 @@ class _SuiteSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise PydanticCustomError(
-                "invalid_setting", "{message}",
-                {"message": f"expected letters, digits, '.', '_' or '-' (it names the results folder), got {name!r}"},
-            )
+        _as_custom_error(lambda: check_suite_name(name))
         return name
+
     description: str = ""
     fixed: dict[str, Any] = Field(default_factory=dict)
     axes: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
@@ -260,19 +296,22 @@ def load_suite(path: str | Path, config: Config | None = None) -> Suite:
     """Read, validate and expand the suite at ``path``; metric defaults come from ``config`` (drbench.toml)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise SuiteError(f"{path}: cannot read suite file ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise SuiteError(f"{path}: not a suite file (byte {error.start} is not UTF-8 text; expected YAML)") from None
     return parse_suite(text, source=path, config=config)
 
 
 def parse_suite(text: str, source: str | Path = "<suite>", config: Config | None = None) -> Suite:
     """Validate and expand suite YAML ``text``; ``source`` names it in errors."""
-    where = _Locator(text, str(source))
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise where.yaml_error(error) from None
+        data, root = load_yaml(text)
+    except YamlError as error:
+        raise SuiteError(f"{source}:{error.line}: {error.problem}" if error.line else f"{source}: {error.problem}"
+                         ) from None
+    where = _Locator(root, str(source))
     if not isinstance(data, dict):
         raise SuiteError(f"{source}: a suite must be a mapping with keys {', '.join(SUITE_KEYS)}")
     try:
@@ -308,10 +347,19 @@ def parse_filter(expression: str) -> dict[str, list[Any]]:
         known = (*CELL_KEYS, *option_names())
         if key not in known:
             raise SuiteError(f"--only: unknown key {key!r}; expected one of: {', '.join(known)}")
-        rule[key] = [yaml.safe_load(value) for value in values.split("|")]
+        rule[key] = [_filter_value(key, value) for value in values.split("|")]
     if not rule:
         raise SuiteError("--only: empty filter; expected e.g. 'op=drconv,model=shufflenetv2'")
     return rule
+
+
+def _filter_value(key: str, text: str) -> Any:
+    """One value of a cell filter, read as a YAML scalar (``0.5``, ``true``, ``[112, 96]``)."""
+    try:
+        return load_yaml(text)[0]
+    except YamlError as error:
+        raise SuiteError(f"--only: {key}={text.strip()!r} is not a YAML value ({error.problem}); "
+                         "expected e.g. 'width=0.5'") from None
 
 
 def matches(values: Mapping[str, Any], rule: Mapping[str, Any]) -> bool:
@@ -340,13 +388,13 @@ def _resolve_metrics(spec: _SuiteSpec, where: _Locator, config: Config) -> dict[
         requested = [(("metrics", name), name, settings) for name, settings in spec.metrics.items()]
     else:
         raise where.error(("metrics",), f"expected a mapping of metric names to settings or a list of names "
-                                        f"(got {spec.metrics!r})")
+                                        f"(got {short_repr(spec.metrics)})")
     resolved = {}
     for path, name, settings in requested:
         if not isinstance(name, str) or name not in list_metrics():
-            raise where.error(path, f"unknown metric {name!r}; expected one of: {', '.join(list_metrics())}")
+            raise where.error(path, f"unknown metric {short_repr(name)}; expected one of: {', '.join(list_metrics())}")
         if settings is not None and not isinstance(settings, dict):
-            raise where.error(path, f"expected a mapping of settings or null (got {settings!r})")
+            raise where.error(path, f"expected a mapping of settings or null (got {short_repr(settings)})")
         spec_ = get_metric(name)
         try:
             resolved[name] = resolve_settings(spec_, settings or {}, config)
@@ -381,6 +429,7 @@ def _check_keys(spec: _SuiteSpec, where: _Locator) -> None:
 
 def _expand(spec: _SuiteSpec, where: _Locator) -> list[Cell]:
     """Matrix product, minus excluded combinations, plus included cells; validated; duplicates removed."""
+    _check_size(spec, where)
     fixed = {key: (value, ("fixed", key)) for key, value in spec.fixed.items()}
     candidates = [
         {**fixed, **combination}
@@ -395,6 +444,15 @@ def _expand(spec: _SuiteSpec, where: _Locator) -> list[Cell]:
         cell = _validate_cell(candidate, where)
         cells.setdefault(cell.config_hash(), cell)
     return list(cells.values())
+
+
+def _check_size(spec: _SuiteSpec, where: _Locator) -> None:
+    """At most MAX_CELLS combinations before exclusion (counted, not built)."""
+    combinations = math.prod(len(values) for values in spec.axes.values())
+    combinations += sum(math.prod(len(_alternatives(v)) for v in entry.values()) for entry in spec.include)
+    if combinations > MAX_CELLS:
+        raise where.error(("axes",), f"{combinations} combinations; expected at most {MAX_CELLS} cells in a suite "
+                                     "(split it into several suites)")
 
 
 def _product(axes: Mapping[str, tuple[list[Any], FieldPath]]) -> Iterable[dict[str, tuple[Any, FieldPath]]]:
@@ -432,7 +490,7 @@ def _validate_cell(candidate: Mapping[str, tuple[Any, FieldPath]], where: _Locat
         if first["type"] == "missing":
             raise where.error((), f"every cell needs {key!r}; set it in fixed or axes") from None
         if key not in candidate:  # a default that does not suit the cell's other settings
-            raise where.error((), f"{key} (default {first.get('input')!r}): {_message(first)}") from None
+            raise where.error((), f"{key} (default {short_repr(first.get('input'))}): {_message(first)}") from None
         raise where.validation_error(error, candidate[key][1], single_value=True) from None
 
 
@@ -454,12 +512,9 @@ def _as_custom_error(check) -> None:
 class _Locator:
     """Turns a path in the suite data into ``file:line: field`` using the YAML node marks."""
 
-    def __init__(self, text: str, source: str) -> None:
+    def __init__(self, root: yaml.Node | None, source: str) -> None:
         self.source = source
-        try:
-            self.root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
-            self.root = None
+        self.root = root
 
     def error(self, path: FieldPath, message: str) -> SuiteError:
         line = self._line(path)
@@ -479,12 +534,6 @@ class _Locator:
         if first["type"] == "missing":
             return self.error(path, "missing; this key is required")
         return self.error(path, _message(first))
-
-    def yaml_error(self, error: yaml.YAMLError) -> SuiteError:
-        mark = getattr(error, "problem_mark", None)
-        problem = getattr(error, "problem", None) or str(error)
-        where = f"{self.source}:{mark.line + 1}" if mark else self.source
-        return SuiteError(f"{where}: YAML syntax error: {problem}")
 
     def _line(self, path: FieldPath) -> int | None:
         node, line = self.root, None
@@ -506,7 +555,7 @@ def _message(error: Mapping[str, Any]) -> str:
     """A pydantic error as "expected ... (got ...)"; drbench's own checks already say what was expected."""
     message = re.sub(r"^Input should be", "expected", error["msg"])
     if error["type"] not in ("unknown_name", "invalid_setting"):
-        message += f" (got {error.get('input')!r})"
+        message += f" (got {short_repr(error.get('input'))})"
     return message
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from drbench.executors.claims import CLAIMS_FOLDER, is_live, read_claims
-from drbench.metrics import MetricSettings, RunContext, register_metric
+from drbench.metric_registry import MetricSettings, RunContext, register_metric
 from drbench.results import ResultsStore
 from drbench.suite import Cell, matches
 

@@ -1,6 +1,7 @@
 """Hand-made results records in the store's real format, for the report tests.
 
-Each record is shaped like the runner's (``drbench.runner``): the configuration as ``Cell.config()`` gives it,
+Each record goes through the typed :class:`drbench.record.Record`, as every reader's does, and is shaped like the
+runner's (``drbench.runner``): the configuration as ``Cell.config()`` gives it,
 its hash from ``drbench.suite.config_hash``, latency from a real ``LatencyMeasurement`` built on given samples,
 and accuracy as ``measure_accuracy`` stores it. Written with the store's own ``RunWriter``.
 """
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from drbench.measure.timing import LatencyMeasurement
-from drbench.results import SCHEMA_VERSION, RunWriter
+from drbench.record import SCHEMA_VERSION, Record
+from drbench.results import RunWriter
 from drbench.suite import config_hash
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -55,7 +57,7 @@ def record(
         metrics["memory"] = {"value": memory, "peak_bytes": memory, "device": "cpu", "method": "test"}
     if top1 is not None:
         metrics["accuracy"] = accuracy_metric(top1)
-    return {
+    return Record.model_validate({
         "schema": SCHEMA_VERSION,
         "suite": suite,
         "run_id": "test-run",
@@ -70,7 +72,7 @@ def record(
                 "machine": machine, "device": "cpu", "device_name": "Test CPU", "threads": 2, "time": started},
         "started": started,
         "duration_s": 1.0,
-    }
+    }).to_dict()
 
 
 def accuracy_metric(per_seed: Sequence[float | None]) -> dict:

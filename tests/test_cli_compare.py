@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_compare import CONV, DRCONV, _git_repo, make_record, timings, write_store
+from comparison_records import CONV, DRCONV, git_repo, make_record, timings, write_store
 from typer.testing import CliRunner
 
 from drbench.cli import app
-from drbench.compare import Verdict, compare_results
+from drbench.compare import compare_results
+from drbench.stats import Verdict
 from drbench.config import load_config
 from drbench.runner import run_suite
 from drbench.suite import parse_suite
@@ -89,7 +90,7 @@ def test_a_side_that_does_not_exist_exits_2(stores, tmp_path):
 
 
 def test_history_prints_the_steps_and_writes_the_plot(tmp_path, monkeypatch):
-    commits = _git_repo(tmp_path / "repo", 4)
+    commits = git_repo(tmp_path / "repo", 4)
     rng = random.Random(1)
     records = [make_record(CONV, latency=timings(rng, 0.010 if i < 2 else 0.015, 20), commit=c,
                            started=f"2025-01-0{i + 1}T00:00:00+00:00") for i, c in enumerate(commits)]

@@ -5,61 +5,15 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
-from pathlib import Path
 
 import pytest
+from comparison_records import CONV, DRCONV, git_repo, make_record, timings, write_store
 
-from drbench.compare import (
-    CompareError, Side, Verdict, compare, compare_results, decide_exact, decide_samples, decide_seeds,
-    decide_threshold, format_value, min_p_value, parse_threshold, resolve_side,
-)
-from drbench.measure.timing import LatencyMeasurement
-from drbench.suite import config_hash
-
-# Synthetic records -----------------------------------------------------------------------------------------------
-
-CONV = {"model": "shufflenetv2", "width": 0.5, "op": "conv", "input_size": 32, "batch_size": 2, "device": "cpu"}
-DRCONV = {**CONV, "op": "drconv", "regions": 4}
-
-
-def make_record(config: dict, *, latency: list[float] | None = None, macs: int | None = None,
-                accuracy: list[float] | None = None, commit: str | None = "a" * 40, dirty: bool = False,
-                threads: int = 1, started: str = "2025-01-01T00:00:00+00:00", suite: str = "synthetic",
-                error: str | None = None, reference: list[float] | None = None, torch_version: str = "2.13.0") -> dict:
-    """A record as drbench.results stores it, with only the fields the comparison reads (``reference``: the
-    reference kernel's samples, timed in turns with ``latency``'s)."""
-    metrics = {}
-    if latency is not None:
-        metrics["latency"] = {"value": sorted(latency)[len(latency) // 2], "samples": latency}
-        if reference is not None:  # as drbench stores them: every field of both measurements
-            timed = LatencyMeasurement(tuple(latency), 4, 1, 1, 1, "cpu",
-                                       reference=LatencyMeasurement(tuple(reference), 1, 1, 1, 1, "cpu"))
-            metrics["latency"] = {"value": timed.median, **timed.to_dict()}
-    if macs is not None:
-        metrics["macs"] = {"value": macs}
-        metrics["params"] = {"value": macs // 10}
-    if accuracy is not None:
-        metrics["accuracy"] = {"value": sum(accuracy) / len(accuracy),
-                               "runs": [{"seed": i, "top1": a} for i, a in enumerate(accuracy)]}
-    return {
-        "schema": 1, "suite": suite, "run_id": started, "config": config, "config_hash": config_hash(config),
-        "status": "error" if error else "ok", "error": error, "metrics": {} if error else metrics,
-        "env": {"git_commit": commit, "git_dirty": dirty, "threads": threads, "machine": "box",
-                "device_name": "cpu", "torch_version": torch_version, "time": started},
-        "started": started,
-    }
-
-
-def write_store(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def timings(rng: random.Random, median: float, n: int, noise: float = 0.03) -> list[float]:
-    """``n`` positive timings around ``median``: log-normal, as the spread of real timings is."""
-    return [median * math.exp(rng.gauss(0, noise)) for _ in range(n)]
+from drbench.compare import compare, compare_results, parse_threshold
+from drbench.compare_format import comparison_json, comparison_markdown
+from drbench.metric_registry import format_value
+from drbench.sides import CompareError, Side, resolve_side
+from drbench.stats import Verdict, decide_exact, decide_samples, decide_seeds, decide_threshold, min_p_value
 
 
 def side(name: str, records: list[dict]) -> Side:
@@ -242,11 +196,11 @@ def test_outputs_for_tools_and_pull_requests():
     base = [make_record(CONV, latency=timings(rng, 0.010, 20), macs=100)]
     cur = [make_record(CONV, latency=timings(rng, 0.013, 20), macs=100, dirty=True)]
     comparison = compare(side("main", base), side("feature", cur), metrics=["latency"])
-    data = json.loads(comparison.to_json())
+    data = json.loads(comparison_json(comparison))
     assert data["counts"]["regressed"] == 1 and data["metrics"] == ["latency"]
     (cell,) = data["cells"]
     assert cell["verdict"] == "regressed" and cell["ratio"] == pytest.approx(1.3, rel=0.05)
-    markdown = comparison.to_markdown()
+    markdown = comparison_markdown(comparison)
     assert "`main` → `feature`" in markdown and "| **regressed** |" in markdown
     assert "uncommitted changes" in markdown
 
@@ -259,19 +213,8 @@ def test_an_unknown_metric_or_a_missing_side_is_a_clear_error(tmp_path):
         resolve_side("no-such-thing", write_store(tmp_path / "results" / "s" / "run.jsonl", records).parent)
 
 
-def _git_repo(path: Path, commits: int) -> list[str]:
-    """A repository with ``commits`` empty commits; their hashes, oldest first."""
-    path.mkdir()
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(path)]
-    subprocess.run([*git, "init", "-q"], check=True)
-    for index in range(commits):
-        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", f"commit {index}"], check=True)
-    return subprocess.run([*git, "rev-list", "--reverse", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.split()
-
-
 def test_sides_can_be_git_refs_with_results_in_the_store(tmp_path):
-    first, second = _git_repo(tmp_path / "repo", 2)
+    first, second = git_repo(tmp_path / "repo", 2)
     rng = random.Random(7)
     store = tmp_path / "results"
     write_store(store / "synthetic" / "run1.jsonl", [make_record(CONV, latency=timings(rng, 0.01, 20), commit=first)])

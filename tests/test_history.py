@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_compare import CONV, DRCONV, _git_repo, make_record, timings, write_store
+from comparison_records import CONV, DRCONV, git_repo, make_record, timings, write_store
 
-from drbench.compare import Verdict, rule_for
+from drbench.metric_registry import quantity
+from drbench.stats import Verdict
 from drbench.history import GIT_ORDER, HistoryPoint, build_history, find_steps, load_history, plot_history
 
 
@@ -19,7 +20,7 @@ def _day(index: int) -> str:
 def store(tmp_path):
     """Six commits. conv gets 30% slower at commit 3 and stays there; drconv only jitters (3% noise).
     The records are written newest first, and their times run backwards, so only git knows the order."""
-    commits = _git_repo(tmp_path / "repo", 6)
+    commits = git_repo(tmp_path / "repo", 6)
     rng = random.Random(0)
     records = []
     for index, commit in reversed(list(enumerate(commits))):
@@ -66,14 +67,14 @@ def _points(levels: list[float], seed: int = 0) -> list[HistoryPoint]:
 
 
 def test_a_one_commit_spike_is_two_steps_and_a_flat_series_none():
-    steps = find_steps(_points([1.0, 1.0, 1.5, 1.0, 1.0]), rule_for("latency"), 0.10)
+    steps = find_steps(_points([1.0, 1.0, 1.5, 1.0, 1.0]), quantity("latency"), 0.10)
     assert [(s.index, s.decision.verdict) for s in steps] == [(2, Verdict.REGRESSED), (3, Verdict.IMPROVED)]
-    assert find_steps(_points([1.0] * 8, seed=1), rule_for("latency"), 0.10) == []
+    assert find_steps(_points([1.0] * 8, seed=1), quantity("latency"), 0.10) == []
 
 
 def test_a_slow_drift_adds_up_to_a_step():
     # 4% per commit: no neighbour differs by 10%, the first and last commits by 27%.
-    steps = find_steps(_points([1.0, 1.04, 1.08, 1.12, 1.17, 1.22, 1.27], seed=2), rule_for("latency"), 0.10)
+    steps = find_steps(_points([1.0, 1.04, 1.08, 1.12, 1.17, 1.22, 1.27], seed=2), quantity("latency"), 0.10)
     assert steps and all(s.decision.verdict is Verdict.REGRESSED for s in steps)
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from drbench.record import SCHEMA_VERSION, Record
 from drbench.results import (
     ResultsStore,
     RunWriter,
@@ -18,8 +19,8 @@ from drbench.results import (
 
 
 def record(op: str = "conv", status: str = "ok", commit: str = "abc", threads: int = 1, **metrics) -> dict:
-    return {
-        "schema": 1,
+    return Record.model_validate({
+        "schema": SCHEMA_VERSION,
         "suite": "s",
         "run_id": "r",
         "config": {"model": "shufflenetv2", "width": 0.5, "op": op},
@@ -34,7 +35,7 @@ def record(op: str = "conv", status: str = "ok", commit: str = "abc", threads: i
         "env": {"git_commit": commit, "machine": "m", "threads": threads, "hostname": "m"},
         "started": "2026-01-01T00:00:00+00:00",
         "duration_s": 1.5,
-    }
+    }).to_dict()
 
 
 def test_records_are_appended_one_line_each_and_read_back(tmp_path):
@@ -120,3 +121,33 @@ def test_a_second_writer_of_the_same_suite_is_refused(tmp_path):
                 pass
     with store.lock():  # released
         pass
+
+
+SCHEMA_1_LINE = (
+    '{"schema":1,"suite":"quick","run_id":"20261128T101500Z-vm-4242","config":{"model":"shufflenetv2","width":0.5,'
+    '"op":"drconv","input_size":64,"placement":"default","small_input":false,"num_classes":null,"batch_size":1,'
+    '"dtype":"float32","device":"cpu","regions":8},"config_hash":"5f2c0a9e7b1d3c4e","metric_settings":{"macs":'
+    '{"by_layer":false},"latency":{"budget_s":1.0,"warmup":3,"min_blocks":5,"target_rel_iqr":0.05,"training":false}},'
+    '"status":"ok","error":null,"traceback":null,"metrics":{"macs":{"value":41000000,"executed_flops":82000000,'
+    '"unsupported_ops":{}},"latency":{"value":0.0101,"samples":[0.01,0.0101,0.0102],"batch_size":1,"warmup":3,'
+    '"calls_per_block":4,"threads":1,"device":"cpu","median_s":0.0101,"iqr_s":0.0001,"min_s":0.01,"rel_iqr":0.0099,'
+    '"noisy":false,"throughput":99.0}},"env":{"git_commit":"d644a780e04502ae9fab8618d29a883a50e88ebe",'
+    '"git_dirty":false,"drbench_version":"0.1.0","torch_version":"2.13.0+cpu","cuda_version":null,"threads":1,'
+    '"machine":"vm","hostname":"vm","device":"cpu","device_name":"Test CPU","region_conv_impl":"fast",'
+    '"time":"2026-11-28T10:15:00+00:00"},"started":"2026-11-28T10:15:00+00:00","duration_s":2.5,'
+    '"execution":[{"executor":"local"}]}\n'
+)
+
+
+def test_a_schema_1_record_written_before_the_typed_record_still_loads_unchanged(tmp_path):
+    path = tmp_path / "old.jsonl"
+    path.write_text(SCHEMA_1_LINE)
+    (loaded,) = read_records(path)
+    assert loaded == json.loads(SCHEMA_1_LINE)
+
+
+def test_a_record_of_an_unknown_schema_is_skipped_with_a_warning(tmp_path):
+    path = tmp_path / "new.jsonl"
+    path.write_text(json.dumps({**json.loads(SCHEMA_1_LINE), "schema": 99}) + "\n" + SCHEMA_1_LINE)
+    with pytest.warns(StoreWarning, match=r"new.jsonl:1: skipped unreadable line \(invalid record: schema: "):
+        assert len(read_records(path)) == 1

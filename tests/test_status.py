@@ -54,7 +54,7 @@ def test_each_cell_is_done_running_failed_or_pending(config, tmp_path):
     with store.writer("20260101T000000Z-a") as writer:
         writer.append(stored(suite, conv))
         writer.append(stored(suite, condconv, error="ValueError: does not fit"))
-        writer.append(stored(suite, drconv, git_commit="0ld0c0mm1t"))
+        writer.append(stored(suite, drconv, git_commit="01dc0ffee0"))
     write_claim(store.directory / CLAIMS_FOLDER, local.config_hash(), "process", local.label())
 
     with store.lock():
@@ -65,7 +65,7 @@ def test_each_cell_is_done_running_failed_or_pending(config, tmp_path):
         (failed,) = report.of("failed")
         assert failed.error == "ValueError: does not fit" and failed.label == condconv.label()
         (pending,) = report.of("pending")
-        assert pending.note.startswith("stored on commit 0ld0c0mm, machine ")
+        assert pending.note.startswith("stored on commit 01dc0ffe, machine ")
         (running,) = report.of("running")
         assert (running.claim.executor, running.claim.pid, running.label) == ("process", os.getpid(), local.label())
 

@@ -28,7 +28,7 @@ from drbench.measure.accuracy import (
     summarize,
     train,
 )
-from drbench.metrics import RunContext, get_metric
+from drbench.metric_registry import RunContext, get_metric
 from drbench.config import load_config
 from drbench.models import create_model
 from drbench.suite import Cell

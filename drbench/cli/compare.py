@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -11,16 +10,16 @@ from typing import Iterator, Optional
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from drbench.cli.app import app, console, err_console, fail
+from drbench.cli.app import app, console, fail, store_warnings
 from drbench.cli.options import CONFIG_OPTION
-from drbench.compare import (
-    Comparison, Verdict, compare_results, format_p, format_ratio, format_value, parse_threshold,
-    shorten_labels,
-)
+from drbench.compare import Comparison, compare_results, parse_threshold
+from drbench.compare_format import comparison_json, comparison_markdown, format_p, format_ratio, shorten_labels
 from drbench.config import ConfigError, load_config
 from drbench.history import History, load_history, plot_history
-from drbench.results import StoreWarning
+from drbench.metric_registry import format_value
+from drbench.stats import Verdict
 
 THRESHOLD_OPTION = typer.Option("10%", "--threshold", help="Smallest change that counts: 10% or 0.1.")
 SUITE_OPTION = typer.Option(None, "--suite", help="Only records of this suite.")
@@ -37,15 +36,11 @@ class OutputFormat(str, Enum):
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Bad input -> one line and exit 2; skipped store lines -> warnings on stderr."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", StoreWarning)
+    with store_warnings():
         try:
             yield
         except (ValueError, FileNotFoundError) as error:  # CompareError, SuiteError, ConfigError among them
             fail(str(error))
-        finally:
-            for warning in caught:
-                err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False)
 
 
 def _results_dir(results_dir: Optional[Path], config_file: Optional[Path]) -> Path:
@@ -82,9 +77,9 @@ def compare_command(
             threshold=parse_threshold(threshold), metrics=[m.strip() for m in metric.split(",")] if metric else None,
         )
     if output is OutputFormat.json:
-        print(comparison.to_json())
+        print(comparison_json(comparison))
     elif output is OutputFormat.markdown:
-        print(comparison.to_markdown(), end="")
+        print(comparison_markdown(comparison), end="")
     else:
         _print_comparison(comparison)
     if comparison.regressed:
@@ -106,7 +101,7 @@ def _print_comparison(comparison: Comparison) -> None:
         table.add_column(column, justify="right" if column in ("baseline", "current", "ratio", "p") else "left")
     for row in comparison.ordered():
         table.add_row(
-            escape(short[row.label]), row.metric, format_value(row.metric, row.baseline),
+            escape(short[row.label]), escape(row.metric), format_value(row.metric, row.baseline),
             format_value(row.metric, row.current), format_ratio(row.ratio), format_p(row.p_value),
             f"[{_STYLES.get(row.verdict, 'yellow')}]{row.verdict.value}[/]", escape(row.rule),
         )
@@ -132,7 +127,7 @@ def history_command(
         history = load_history(results, metric, suite=suite, cell=cell, threshold=parse_threshold(threshold))
         target = out or Path(load_config(config_file).get("paths.reports_dir")) / f"history-{metric}.png"
     _print_history(history)
-    console.print(f"plot: {plot_history(history, target)}", highlight=False)
+    console.print(Text(f"plot: {plot_history(history, target)}"), highlight=False)
 
 
 def _print_history(history: History) -> None:
@@ -143,7 +138,7 @@ def _print_history(history: History) -> None:
         console.print(f"no step changes in {history.metric} beyond {history.threshold:.0%}")
         return
     common, short = shorten_labels(cell.label for cell, _ in history.steps)
-    table = Table(title=f"Step changes in {history.metric}",
+    table = Table(title=f"Step changes in {escape(history.metric)}",
                   caption=f"every cell: {escape(common)}" if common else None)
     for column in ("cell", "at commit", "before", "after", "ratio", "p", "result"):
         table.add_column(column, justify="right" if column in ("before", "after", "ratio", "p") else "left")

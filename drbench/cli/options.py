@@ -12,7 +12,7 @@ import typer
 
 from drbench.cli.app import fail
 from drbench.config import Config, ConfigError, load_config
-from drbench.suite import Suite, SuiteError, load_suite
+from drbench.suite import MAX_OPTION_VALUE, Suite, SuiteError, load_suite
 
 CONFIG_OPTION = typer.Option(None, "--config", help="Settings file (default: ./drbench.toml when present).")
 RESULTS_DIR_OPTION = typer.Option(None, "--results-dir", help="Results folder (default: paths.results_dir).")
@@ -53,9 +53,13 @@ OPTION_OWNERS = {"regions": "drconv", "experts": "condconv"}
 
 
 def op_options(op: str, **given: Optional[int]) -> dict[str, int]:
-    """The operator options given on the command line; a flag of another operator is an error."""
+    """The operator options given on the command line; a flag of another operator, or a value beyond what a suite
+    may ask for (:data:`drbench.suite.MAX_OPTION_VALUE`), is an error."""
     options = {name: value for name, value in given.items() if value is not None}
-    for name in options:
+    for name, value in options.items():
         if OPTION_OWNERS[name] != op:
             raise ValueError(f"--{name} applies to --op {OPTION_OWNERS[name]}, not --op {op}")
+        if value > MAX_OPTION_VALUE:
+            raise ValueError(f"--{name} {value}: expected at most {MAX_OPTION_VALUE} (the operator's size grows "
+                             "with it)")
     return options

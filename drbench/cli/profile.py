@@ -7,20 +7,22 @@ import warnings
 from typing import Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from drbench.cli.app import app, console, err_console, fail, list_app
+from drbench.cli.app import app, console, fail, list_app, warn
 from drbench.cli.options import op_options
 from drbench.measure.complexity import Complexity, complexity
 from drbench.models import create_model, get_model, list_models
+from drbench.suite import MAX_INPUT_SIZE
 
 
 def parse_input_size(text: str) -> tuple[int, int]:
     """``"224"`` -> (224, 224); ``"112x96"`` -> (112, 96)."""
     parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
-        raise ValueError(f"--input-size must be a positive size such as 224 or 112x96, got {text!r}")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and 0 < int(part) <= MAX_INPUT_SIZE
+                                           for part in parts):
+        raise ValueError(f"--input-size must be a positive size up to {MAX_INPUT_SIZE} such as 224 or 112x96, "
+                         f"got {text!r}")
     height, width = (int(parts[0]), int(parts[-1]))
     return height, width
 
@@ -48,7 +50,7 @@ def _print_tables(title: str, cost: Complexity, by_layer: bool) -> None:
         console.print(layers)
     if cost.unsupported_ops:
         listed = ", ".join(f"{name} x{count}" for name, count in cost.unsupported_ops.items())
-        err_console.print(f"[yellow]warning:[/] not counted (no rule): {escape(listed)}", highlight=False)
+        warn(f"not counted (no rule): {listed}")
 
 
 @app.command("profile")
@@ -78,7 +80,7 @@ def profile_command(
             warnings.simplefilter("ignore")  # unsupported operators are reported from cost.unsupported_ops
             cost = complexity(network, size, batch_size=batch_size)
     except (ValueError, TypeError) as error:
-        fail(escape(str(error)))
+        fail(str(error))
     arguments: dict[str, Any] = {
         "model": model, "width": width, "op": op, "op_options": options, "placement": placement,
     }

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
-from drbench.cli.app import app, console, err_console, fail
+from drbench.cli.app import app, console, fail, store_warnings, warn
 from drbench.cli.options import CONFIG_OPTION
 from drbench.config import ConfigError, load_config
 
@@ -20,18 +20,19 @@ def report_command(
     config_file: Optional[Path] = CONFIG_OPTION,
 ) -> None:
     """Write a report folder: index.md, index.html (opens from disk), CSV tables and PNG/SVG plots."""
-    try:
-        from drbench.report import build_report  # matplotlib: imported only when a report is made
+    with store_warnings():
+        try:
+            from drbench.report import build_report  # matplotlib: imported only when a report is made
 
-        report = build_report(results, out, config=load_config(config_file))
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        fail(escape(str(error)))
+            report = build_report(results, out, config=load_config(config_file))
+        except (ConfigError, FileNotFoundError, ValueError) as error:
+            fail(str(error))
     for notice in report.notices:
         more = f" ({len(notice.details)} listed in the report)" if notice.details else ""
-        err_console.print(f"[yellow]warning:[/] {escape(notice.message.rstrip(':'))}{more}", highlight=False)
+        warn(f"{notice.message.rstrip(':')}{more}")
     plots = len(report.plot_files) // 2
-    console.print(
+    console.print(Text(
         f"report: {report.index_html} and {report.index_md.name}, {len(report.csv_files)} CSV files, "
-        f"{plots} plots (PNG and SVG){f', {len(report.mask_files)} mask images' if report.mask_files else ''}",
+        f"{plots} plots (PNG and SVG){f', {len(report.mask_files)} mask images' if report.mask_files else ''}"),
         highlight=False,
     )

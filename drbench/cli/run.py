@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,14 +12,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from drbench.cli.app import app, console, err_console, fail, list_app
+from drbench.cli.app import app, console, err_console, fail, list_app, store_warnings, warn
 from drbench.cli.options import (
     CONFIG_OPTION, DEVICE_OPTION, RESULTS_DIR_OPTION, THREADS_OPTION, load_cli_config, load_cli_suite,
 )
+from drbench.config import Config
 from drbench.executors import ExecutorError, interference_warning
-from drbench.results import StoreLockedError, StoreWarning, load
-from drbench.runner import RunInterrupted, plan, run_suite
+from drbench.metric_registry import format_value, quantities
+from drbench.results import StoreLockedError, load
+from drbench.runner import RunInterrupted, RunSummary, plan, run_suite
 from drbench.suite import CELL_KEYS, Cell, Suite, SuiteError, list_suites, load_suite, option_names
 
 @app.command("run")
@@ -53,31 +55,14 @@ def run_command(
                      workers=workers, timeout=timeout, gpus=gpus, partition=partition, slurm_time=slurm_time,
                      gpus_per_task=gpus_per_task, array_parallelism=array_parallelism)
     loaded = load_cli_suite(suite, config)
-    try:
-        if dry_run:
-            _print_plan(loaded, plan(loaded, config, device=device, only=only, force=force, results_dir=results_dir))
-            return
-        if warning := interference_warning(list(loaded.metrics), config):
-            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-        with _RichObserver() as observer:
-            summary = run_suite(loaded, config, device=device, only=only, force=force, results_dir=results_dir,
-                                observer=observer)
-    except (SuiteError, ValueError, ExecutorError) as error:
-        fail(str(error))
-    except StoreLockedError as error:
-        fail(str(error), code=1)
-    except RunInterrupted as interrupted:
-        done = interrupted.summary
-        err_console.print(
-            f"[bold yellow]interrupted:[/] {done.ok + done.errors} cells stored in {done.results_file}; "
-            "run the same command again to resume (stored cells are skipped).",
-            highlight=False,
-        )
-        raise typer.Exit(130)
+    with store_warnings():
+        summary = _run(loaded, config, device, only, force, results_dir, dry_run)
+    if summary is None:
+        return
     where = f" -> {summary.results_file}" if summary.results_file else ""
-    console.print(
+    console.print(Text(
         f"{loaded.name}: {summary.ok + summary.errors} cells measured ({summary.errors} errors), "
-        f"{summary.skipped} already stored, in {summary.duration_s:.1f} s{where}",
+        f"{summary.skipped} already stored, in {summary.duration_s:.1f} s{where}"),
         highlight=False,
     )
     if summary.errors:
@@ -86,12 +71,38 @@ def run_command(
         raise typer.Exit(1)
 
 
+def _run(loaded: Suite, config: Config, device: Optional[str], only: Optional[str], force: bool,
+         results_dir: Optional[Path], dry_run: bool) -> RunSummary | None:
+    """Plan (``dry_run``: print the plan and return None) or run the suite; errors end the command."""
+    try:
+        if dry_run:
+            _print_plan(loaded, plan(loaded, config, device=device, only=only, force=force, results_dir=results_dir))
+            return None
+        if warning := interference_warning(list(loaded.metrics), config):
+            warn(warning)
+        with _RichObserver() as observer:
+            return run_suite(loaded, config, device=device, only=only, force=force, results_dir=results_dir,
+                             observer=observer)
+    except (SuiteError, ValueError, ExecutorError) as error:
+        fail(str(error))
+    except StoreLockedError as error:
+        fail(str(error), code=1)
+    except RunInterrupted as interrupted:
+        done = interrupted.summary
+        err_console.print(
+            f"[bold yellow]interrupted:[/] {done.ok + done.errors} cells stored in {escape(str(done.results_file))}; "
+            "run the same command again to resume (stored cells are skipped).",
+            highlight=False,
+        )
+        raise typer.Exit(130)
+
+
 def _print_plan(suite: Suite, planned: list) -> None:
     table = Table(title=f"{suite.name}: {len(planned)} cells, metrics: {', '.join(suite.metrics)}")
     for column in ("#", "cell", "device", "config hash", "stored"):
         table.add_column(column)
     for index, item in enumerate(planned, start=1):
-        table.add_row(str(index), item.cell.label(), item.cell.device, item.cell.config_hash(),
+        table.add_row(str(index), escape(item.cell.label()), item.cell.device, item.cell.config_hash(),
                       "yes (skip)" if item.stored else "")
     console.print(table)
 
@@ -133,25 +144,12 @@ class _RichObserver:
 
     def cell_finished(self, record: dict) -> None:
         if record["status"] == "ok":
-            summary = "  ".join(f"{name}={_format_metric(name, r['value'])}" for name, r in record["metrics"].items())
+            summary = "  ".join(f"{name}={format_value(name, r.get('value'))}" for name, r in record["metrics"].items())
             self.progress.console.print(f"[green]ok[/]    {escape(self.label)}  {escape(summary)}", highlight=False)
         else:
             self.progress.console.print(f"[red]error[/] {escape(self.label)}: {escape(record['error'])}",
                                         highlight=False)
         self.progress.advance(self.task)
-
-
-def _format_metric(name: str, value: Any) -> str:
-    """Human units for the headline of the built-in metrics; other metrics as they are."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if name in ("macs", "params"):
-        return f"{value / 1e6:.2f}M"
-    if name == "latency":
-        return f"{value * 1e3:.2f}ms"
-    if name == "memory":
-        return f"{value / 2**20:.1f}MiB"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @app.command("show")
@@ -160,14 +158,11 @@ def show_command(
     errors: bool = typer.Option(False, "--errors", help="Also print each failed cell's traceback."),
 ) -> None:
     """Print stored results as a table: configuration, status and each metric's headline."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", StoreWarning)
+    with store_warnings():
         try:
             frame = load(path)
         except FileNotFoundError as error:
             fail(str(error))
-    for warning in caught:
-        err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False)
     if frame.empty:
         fail(f"{path}: no records", code=1)
     console.print(_results_table(frame, str(path)))
@@ -179,9 +174,9 @@ def show_command(
 
 def _results_table(frame: pd.DataFrame, title: str) -> Table:
     config_columns = [c for c in (*CELL_KEYS, *option_names()) if c in frame and _varies_or_key(frame, c)]
-    metric_columns = [c for c in ("macs", "params", "latency", "memory") if c in frame]
+    metric_columns = [q.name for q in quantities() if "." not in q.name and q.name in frame]
     metric_columns += [c for c in frame.columns if c not in metric_columns and _is_other_headline(frame, c)]
-    table = Table(title=f"{title}: {len(frame)} records")
+    table = Table(title=f"{escape(title)}: {len(frame)} records")
     for column in (*config_columns, "status", *metric_columns, "threads", "commit"):
         table.add_column(column, justify="right" if column in metric_columns else "left")
     for _, row in frame.iterrows():
@@ -199,7 +194,7 @@ def _varies_or_key(frame: pd.DataFrame, column: str) -> bool:
 
 
 def _is_other_headline(frame: pd.DataFrame, column: str) -> bool:
-    """Headline columns of metrics outside the built-in four (e.g. accuracy): named like a metric, no dot."""
+    """Headline columns of metrics no registered metric declares (an old record's): named like a metric, no dot."""
     known = {"suite", "run_id", "config_hash", "status", "error", "traceback", "started", "duration_s",
              *CELL_KEYS, *option_names()}
     return "." not in column and column not in known
@@ -209,11 +204,12 @@ def _metric_cell(row: pd.Series, column: str) -> str:
     value = row[column]
     if not isinstance(value, (int, float)) or pd.isna(value):
         return "-"
-    text = _format_metric(column, value)
-    if column == "latency":
-        text = f"{value * 1e3:.2f} ± {row['latency.iqr_s'] * 1e3:.2f} ms"
-        if row.get("latency.noisy"):
-            text += " [yellow](noisy)[/]"
+    text = escape(format_value(column, value))
+    spread = row.get("latency.iqr_s")
+    if column == "latency" and isinstance(spread, (int, float)) and not pd.isna(spread):
+        text = f"{value * 1e3:.2f} ± {spread * 1e3:.2f} ms"
+    if column == "latency" and row.get("latency.noisy") is True:
+        text += " [yellow](noisy)[/]"
     return text
 
 
@@ -246,15 +242,15 @@ def list_suites_command(config_file: Optional[Path] = CONFIG_OPTION) -> None:
     """List the suite files in paths.suites_dir with their cell counts."""
     config = load_cli_config(config_file)
     directory = Path(config.get("paths.suites_dir"))
-    table = Table(title=f"Suites in {directory}/")
+    table = Table(title=f"Suites in {escape(str(directory))}/")
     for column in ("name", "file", "cells", "metrics", "description"):
         table.add_column(column)
     for path in list_suites(directory):
         try:
             suite = load_suite(path, config)
         except SuiteError as error:
-            table.add_row(path.stem, str(path), "-", "-", f"[red]invalid:[/] {escape(str(error))}")
+            table.add_row(escape(path.stem), escape(str(path)), "-", "-", f"[red]invalid:[/] {escape(str(error))}")
             continue
-        table.add_row(suite.name, str(path), str(len(suite.cells)), ", ".join(suite.metrics),
+        table.add_row(suite.name, escape(str(path)), str(len(suite.cells)), ", ".join(suite.metrics),
                       escape(suite.description))
     console.print(table)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -10,11 +9,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from drbench.cli.app import app, console, err_console, fail
+from drbench.cli.app import app, console, fail, store_warnings
 from drbench.cli.options import CONFIG_OPTION, DEVICE_OPTION, load_cli_config, load_cli_suite
 from drbench.config import Config
 from drbench.executors import ExecutorError
-from drbench.results import StoreWarning
 from drbench.status import StatusReport, suite_status
 from drbench.suite import Suite
 
@@ -35,14 +33,11 @@ def status_command(
     if not results_dir.is_dir():
         fail(f"{results_dir}: no such results folder")
     suites = [load_cli_suite(suite, config)] if suite else _suites_in(results_dir, config)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", StoreWarning)
+    with store_warnings():
         try:
             reports = [suite_status(results_dir, loaded, config, device=device) for loaded in suites]
         except (ValueError, ExecutorError) as error:
             fail(str(error))
-    for warning in caught:
-        err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False)
     for report in reports:
         _print_report(report, show_all)
 

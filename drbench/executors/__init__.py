@@ -46,7 +46,7 @@ from drbench.executors.local import LocalExecutor
 from drbench.executors.process import ProcessExecutor
 from drbench.executors.settings import EXECUTOR_NAMES, ExecutorSettings, SlurmSettings
 from drbench.executors.slurm import SlurmExecutor
-from drbench.metrics import get_metric, list_metrics
+from drbench.metric_registry import get_metric, list_metrics
 from drbench.suite import Cell
 
 TIMED_METRICS = ("latency",)

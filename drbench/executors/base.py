@@ -31,7 +31,7 @@ from drbench.config import Config
 from drbench.environment import capture_environment
 from drbench.executors.claims import release_claim, write_claim
 from drbench.measure.timing import fixed_threads
-from drbench.metrics import RunContext, measure_cell
+from drbench.metric_registry import RunContext, measure_cell
 from drbench.suite import Cell
 
 POLL_INTERVAL_S = 0.5

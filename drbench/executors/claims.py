@@ -9,8 +9,8 @@ A claim is *live* when some run holds the suite folder's lock (``drbench run`` h
 the claimer is alive as far as this host can tell: a process on this host must still exist; one on another host
 (a SLURM job) is trusted while the lock is held. ``drbench status`` reports cells with a live claim as running.
 
->>> claim = write_claim(Path("results/quick/.running"), "0123abcd", "process", "shufflenetv2 0.5x conv")  # doctest: +SKIP
->>> [c.label for c in read_claims(Path("results/quick/.running"))]                                          # doctest: +SKIP
+>>> claim = write_claim(Path("results/quick/.running"), "0123abcd", "process", "shufflenetv2 0.5x conv")
+>>> [c.label for c in read_claims(Path("results/quick/.running"))]
 ['shufflenetv2 0.5x conv']
 """
 

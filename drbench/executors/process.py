@@ -11,7 +11,9 @@
   keeps the slot's GPU. ``workers`` defaults to one per GPU.
 - Workers ignore Ctrl-C: the run stops them (killing the parts in flight, which resume measures again).
 
->>> executor = ProcessExecutor(workers=2, timeout_s=600)          # doctest: +SKIP
+>>> executor = ProcessExecutor(workers=2, timeout_s=600)
+>>> executor.name
+'process'
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # drbench.measure.accuracy registers the accuracy metric, so it imports drbench.metrics, which imports this
-    # package: importing it here at the top would be circular, hence on first use
+    # drbench.measure.accuracy loads the data sets and registers a metric: imported on first use, so that timing
+    # and memory measurements do not pay for it
     if name in _ACCURACY:
         from drbench.measure import accuracy
 

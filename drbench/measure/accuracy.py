@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drbench.data import DEFAULT_DATASET, ImageDataset, Normalization, get_dataset
-from drbench.metrics import RunContext, register_metric
+from drbench.metric_registry import Quantity, RunContext, register_metric, seed_values
+from drbench.stats import decide_seeds
 
 if TYPE_CHECKING:
     from drbench.suite import Cell
@@ -461,7 +462,10 @@ class AccuracySettings(TrainRecipe):
         return get_dataset(self.dataset, self.data_path, split, self.data_seed, limit=limit)
 
 
-@register_metric("accuracy", settings=AccuracySettings, defaults_from="data")
+@register_metric("accuracy", settings=AccuracySettings, defaults_from="data", quantities=[
+    Quantity("accuracy", unit="%", read=seed_values("accuracy"), decide=decide_seeds, higher_is_better=True,
+             centre=statistics.fmean, column="top-1"),
+])
 def measure_accuracy(cell: Cell, settings: AccuracySettings, context: RunContext) -> dict[str, Any]:
     """Top-1 accuracy (%) on the held-out split after a short schedule, mean over seeds (each run's curve kept).
 

@@ -42,8 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NOISY_REL_IQR = 0.10
-"""IQR/median above which a measurement is flagged noisy."""
+from drbench.stats import NOISY_REL_IQR
 
 MIN_BLOCK_S = 0.01
 """Calls shorter than this are grouped into blocks at least this long."""

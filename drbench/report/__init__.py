@@ -12,9 +12,9 @@ Modules: :mod:`~drbench.report.cells` (reading and normalising), :mod:`~drbench.
 :mod:`~drbench.report.plots`, :mod:`~drbench.report.provenance` (header and warnings),
 :mod:`~drbench.report.render` (Markdown and HTML).
 
->>> report = build_report(["results/quick"])        # doctest: +SKIP
->>> report.index_html                                 # doctest: +SKIP
-PosixPath('reports/quick/index.html')
+>>> report = build_report(["results/quick"])
+>>> report.index_html, [path.name for path in report.csv_files]
+(PosixPath('reports/quick/index.html'), ['comparison.csv', 'cells.csv'])
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ import pandas as pd
 
 import drbench
 from drbench.config import Config, load_config
-from drbench.report.cells import Results, format_value, load_results
+from drbench.record import SUITE_NAME_MAX
+from drbench.report.cells import Results, format_setting, load_results, other_quantities, shown_column
 from drbench.report.plots import make_plots, save_plot
 from drbench.report.provenance import Notice, provenance, report_warnings
 from drbench.report.render import Figure, Page, render_html, render_markdown
 from drbench.report.tables import comparison_table, display_tables, flat_columns
+from drbench.textsafe import one_line, spreadsheet_text
 
 PLOTS_DIR = "plots"
 MASKS_DIR = "masks"
@@ -80,8 +82,8 @@ def build_report(
 
     table = comparison_table(results.cells, results.config_keys)
     csv_files = (out / "comparison.csv", out / "cells.csv")
-    (flat_columns(table) if not table.empty else pd.DataFrame()).to_csv(csv_files[0], index=False)
-    cells_frame(results).to_csv(csv_files[1], index=False)
+    write_csv(flat_columns(table) if not table.empty else pd.DataFrame(), csv_files[0])
+    write_csv(cells_frame(results), csv_files[1])
 
     figures, plot_files = [], []
     for plot in make_plots(results.cells, results.config_keys):
@@ -109,24 +111,45 @@ def build_report(
 
 
 def default_out_dir(results: Results, config: Config) -> Path:
-    return Path(config.get("paths.reports_dir")) / ("+".join(results.suites) or "results")
+    """``<paths.reports_dir>/<suite>[+<suite>...]``: suite names are plain folder names (every record read was
+    validated, :func:`drbench.record.check_suite_name`), so the folder is always inside the reports folder; a
+    joined name too long for a file system is ``results``."""
+    name = "+".join(results.suites)
+    return Path(config.get("paths.reports_dir")) / (name if 0 < len(name) <= SUITE_NAME_MAX else "results")
 
 
 def cells_frame(results: Results) -> pd.DataFrame:
-    """One row per cell for ``cells.csv``: configuration (an (H, W) size as ``HxW``), then CELL_COLUMNS."""
+    """One row per cell for ``cells.csv``: configuration (an (H, W) size as ``HxW``), then CELL_COLUMNS, then the
+    headline of each other registered metric measured (``<name>.shown``, in its unit)."""
     keys = [k for k in results.config_keys if k in results.cells]
-    frame = results.cells[keys + [c for c in CELL_COLUMNS if c in results.cells]].copy()
+    others = [shown_column(q) for q in other_quantities()]
+    measured = [c for c in others if c in results.cells and results.cells[c].notna().any()]
+    frame = results.cells[keys + [c for c in CELL_COLUMNS if c in results.cells] + measured].copy()
     for key in keys:
-        frame[key] = pd.Series([format_value(v) if isinstance(v, tuple) else v for v in frame[key]],
+        frame[key] = pd.Series([format_setting(v) if isinstance(v, tuple) else v for v in frame[key]],
                                index=frame.index, dtype=object)
     return frame
 
 
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as CSV, every text cell and header made safe for spreadsheets (no formulas, one line each)."""
+    safe = frame.rename(columns=lambda column: spreadsheet_text(one_line(str(column))))
+    text_columns = [c for c in safe.columns if not pd.api.types.is_numeric_dtype(safe[c])]
+    for column in text_columns:  # cell by cell: mapping would turn ints beside None to floats
+        safe[column] = pd.Series([spreadsheet_text(one_line(v)) if isinstance(v, str) else v for v in safe[column]],
+                                 index=safe.index, dtype=object)
+    safe.to_csv(path, index=False)
+
+
 def _copy_masks(sources: Iterable[Path], directory: Path) -> list[Path]:
+    """The mask images of the results folders, copied into the report. Only regular files: a results folder that
+    travelled (an artifact, an archive) could hold a link named like a mask that points at any file of the user's,
+    which the report would then carry."""
     found = {}
     for source in sources:
         folder = source if source.is_dir() else source.parent
-        found.update({path.name: path for path in sorted(folder.rglob(MASK_PATTERN))})
+        found.update({path.name: path for path in sorted(folder.rglob(MASK_PATTERN))
+                      if path.is_file() and not path.is_symlink()})
     if found:
         directory.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copy2(path, directory / name)) for name, path in found.items()]

@@ -13,9 +13,12 @@ was not measured)::
     train_step_ms, train_step_iqr_ms  median and IQR of a training step (forward, backward, optimiser), ms
     memory_mib                    peak forward memory beyond parameters and input, MiB
     top1, top1_std, top1_seeds    top-1 accuracy (%): mean and sample std over seeds, and the number of seeds
+    <metric>.shown                the headline of any other registered metric, in its declared unit
+                                  (:func:`other_quantities`)
 
->>> results = load_results(["results/quick"])                  # doctest: +SKIP
->>> results.cells[["model", "width", "op", "macs_m", "latency_ms"]]   # doctest: +SKIP
+>>> results = load_results(["results/quick"])
+>>> results.cells[["model", "width", "op", "macs_m", "latency_ms"]].head(2).values.tolist()
+[['shufflenetv2', 0.5, 'conv', 1.0, 2.0], ['shufflenetv2', 0.5, 'condconv', 2.0, 4.0]]
 """
 
 from __future__ import annotations
@@ -29,13 +32,25 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from drbench.metric_registry import Quantity, quantities
 from drbench.results import StoreWarning, flatten_record, read_records
-
-NOISY_REL_IQR = 0.10
-"""IQR/median above which a latency is flagged noisy (torch.utils.benchmark's threshold, as the runner's)."""
 
 BASELINE_OP = "conv"
 """The operator every other is compared against."""
+
+DEDICATED = ("macs", "params", "latency", "latency.train", "memory", "accuracy")
+"""Quantities the report derives columns of its own for (quartiles, throughput, seeds); any other registered
+quantity gets its headline in its unit (``<name>.shown``)."""
+
+
+def other_quantities() -> list[Quantity]:
+    """The registered headline quantities without a dedicated column: a metric defined anywhere is reported."""
+    return [q for q in quantities() if q.name not in DEDICATED and "." not in q.name]
+
+
+def shown_column(item: Quantity) -> str:
+    """The cells column of ``item``'s headline in its unit."""
+    return f"{item.name}.shown"
 
 
 @dataclass(frozen=True)
@@ -59,7 +74,7 @@ class Results:
 
     def label(self, cell: pd.Series) -> str:
         """A cell's short name: model, width, op and the settings that vary among these cells."""
-        return cell_label(cell, varying_keys(self.cells, self.config_keys))
+        return relative_label(cell, varying_keys(self.cells, self.config_keys))
 
 
 def load_results(paths: Iterable[str | Path]) -> Results:
@@ -74,6 +89,8 @@ def load_results(paths: Iterable[str | Path]) -> Results:
         raise ValueError(f"no results records in {', '.join(map(str, sources)) or '(no paths given)'}")
     frame, config_keys = records_frame(records)
     unreadable = tuple(str(w.message) for w in caught if issubclass(w.category, StoreWarning))
+    for message in unreadable:  # for the caller too (the CLI prints each), not only for the report's notice
+        warnings.warn(message, StoreWarning, stacklevel=2)
     return Results(sources, frame, latest_cells(frame, config_keys), tuple(config_keys), unreadable)
 
 
@@ -120,21 +137,25 @@ def derived_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
         "top1": top1,
         "top1_std": top1_std,
         "top1_seeds": seeds,
+        **{shown_column(q): _numeric(frame, q.name) * q.scale for q in other_quantities()},
     }
 
 
-def cell_label(cell: pd.Series | dict, config_keys: Sequence[str]) -> str:
-    """``shufflenetv2 0.5x drconv regions=8 input_size=64``: model, width, op, then the keys given that are set."""
-    parts = [str(cell.get("model", "?")), f"{format_value(cell.get('width', '?'))}x", str(cell.get("op", "?"))]
-    parts += [f"{key}={format_value(cell[key])}" for key in config_keys
+def relative_label(cell: pd.Series | dict, config_keys: Sequence[str]) -> str:
+    """``shufflenetv2 0.5x drconv regions=8 input_size=64``: model, width, op, then the keys given that are set.
+
+    A name among the cells of one report (``config_keys``: the settings that vary among them), where
+    :func:`drbench.suite.label` names a cell on its own."""
+    parts = [str(cell.get("model", "?")), f"{format_setting(cell.get('width', '?'))}x", str(cell.get("op", "?"))]
+    parts += [f"{key}={format_setting(cell[key])}" for key in config_keys
               if key not in ("model", "width", "op") and key in cell and not is_missing(cell[key])]
     return " ".join(parts)
 
 
-def format_value(value: Any) -> str:
+def format_setting(value: Any) -> str:
     """A configuration value as people write it: ``0.5``, ``112x96``, ``True``."""
     if isinstance(value, tuple):
-        return "x".join(map(format_value, value))
+        return "x".join(map(format_setting, value))
     return str(value)
 
 

@@ -11,8 +11,11 @@
 Error bars: latency from the quartiles of the raw samples (a ratio's bar propagates both cells' relative IQR);
 accuracy from the standard deviation over seeds (a gain's bar combines both cells' as independent).
 
->>> plots = make_plots(results.cells, results.config_keys)     # doctest: +SKIP
->>> [save_plot(plot, "reports/quick/plots") for plot in plots]  # doctest: +SKIP
+>>> from drbench.report.cells import load_results
+>>> results = load_results(["results/quick"])
+>>> plots = make_plots(results.cells, results.config_keys)
+>>> [path.name for plot in plots for path in save_plot(plot, "reports/quick/plots")]
+['pareto.png', 'pareto.svg']
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from drbench.report.cells import BASELINE_OP, format_value, hashable_value, is_missing
+from drbench.report.cells import BASELINE_OP, format_setting, hashable_value, is_missing
 from drbench.report.tables import POINTS, QUANTITIES, RATIO, agrees, comparison_table, row_keys
 
 PNG_DPI = 150
@@ -111,7 +114,7 @@ def gain_vs_size(cells: pd.DataFrame, config_keys: Sequence[str]) -> Plot | None
                 if not math.isnan(yi) and yi > tops.get((group, width), (xi, -math.inf))[1]:
                     tops[(group, width)] = (xi, yi)
         for (_, width), point in tops.items():
-            ax.annotate(f"{format_value(width)}x", point, textcoords="offset points", xytext=(3, 3), fontsize=6,
+            ax.annotate(f"{format_setting(width)}x", point, textcoords="offset points", xytext=(3, 3), fontsize=6,
                         color="#555555")
         ax.axhline(level, color="#888888", linewidth=0.8, linestyle=":")
         _log_scale(ax, "x", table[(BASELINE_OP, macs.header)])
@@ -206,7 +209,7 @@ def sweep(cells: pd.DataFrame, config_keys: Sequence[str], axis: str) -> Plot | 
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator([_size(v) for v in x_values]))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([format_value(v) for v in x_values])
+        ax.set_xticklabels([format_setting(v) for v in x_values])
         ax.set_xlabel("input size (pixels)" if spatial else "regions m")
         ax.set_ylabel(f"{quantity.name} ({quantity.unit})")
         if spatial:
@@ -274,7 +277,7 @@ def _differing(keys: Sequence[str], groups: Sequence[tuple], exclude: Sequence[s
 
 def _series_label(keys: Sequence[str], group: tuple, shown: Sequence[str], op: str) -> str:
     """``shufflenetv2 input_size=64 drconv``: the model by name, other shown keys as key=value."""
-    parts = [format_value(value) if key == "model" else f"{key}={format_value(value)}"
+    parts = [format_setting(value) if key == "model" else f"{key}={format_setting(value)}"
              for key, value in zip(keys, group) if key in shown and not is_missing(value)]
     return " ".join([*parts, op])
 

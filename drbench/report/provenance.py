@@ -1,9 +1,11 @@
 """What was measured, where and when, and what a reader must be warned about before trusting a report.
 
->>> facts = provenance(results)          # doctest: +SKIP
->>> facts.as_items()[:2]                 # doctest: +SKIP
-[('suite', 'quick'), ('commit', '3db48f3 (uncommitted changes)')]
->>> for warning in report_warnings(results): print(warning)   # doctest: +SKIP
+>>> from drbench.report.cells import load_results
+>>> results = load_results(["results/quick"])
+>>> provenance(results).as_items()[:2]
+[('suite', 'quick'), ('commit', '5e6f7a8')]
+>>> [notice.message for notice in report_warnings(results)]
+[]
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from drbench.report.cells import NOISY_REL_IQR, Results, is_missing
+from drbench.report.cells import Results, is_missing
+from drbench.stats import NOISY_REL_IQR
 
 SHORT_COMMIT = 7
 

@@ -9,8 +9,11 @@ an operator with the standard convolution of that very row.
 :func:`comparison_table` is numeric (the CSV form, flat column names ``<op> <quantity>``);
 :func:`display_tables` turns it into one small string table per quantity for Markdown and HTML.
 
->>> table = comparison_table(results.cells, results.config_keys)       # doctest: +SKIP
->>> table[("drconv", "Δ MACs vs conv (%)")]                             # doctest: +SKIP
+>>> from drbench.report.cells import load_results
+>>> results = load_results(["results/quick"])
+>>> table = comparison_table(results.cells, results.config_keys)
+>>> table[("drconv", "Δ MACs vs conv (%)")].round(1).tolist()
+[200.0, 20.0]
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from drbench.report.cells import BASELINE_OP, NOISY_REL_IQR, format_value, hashable_value, is_missing, varying_keys
+from drbench.report.cells import (
+    BASELINE_OP, format_setting, hashable_value, is_missing, other_quantities, shown_column, varying_keys,
+)
+from drbench.stats import NOISY_REL_IQR
 
 ALWAYS_KEYS = ("model", "width")
 """Row keys shown even when they do not vary."""
@@ -55,7 +61,7 @@ class Quantity:
 
     @property
     def header(self) -> str:
-        return f"{self.name} ({self.unit})"
+        return f"{self.name} ({self.unit})" if self.unit else self.name
 
     @property
     def spread_header(self) -> str:
@@ -76,6 +82,11 @@ QUANTITIES = (
     Quantity("memory_mib", "memory", "MiB"),
     Quantity("top1", "top-1", "%", decimals=2, spread="top1_std", spread_name="std", delta=POINTS),
 )
+
+
+def report_quantities() -> tuple[Quantity, ...]:
+    """:data:`QUANTITIES`, then the headline of every other registered metric in its unit."""
+    return QUANTITIES + tuple(Quantity(shown_column(q), q.column or q.name, q.unit) for q in other_quantities())
 
 
 def row_keys(cells: pd.DataFrame, config_keys: Sequence[str]) -> list[str]:
@@ -119,7 +130,7 @@ def comparison_table(cells: pd.DataFrame, config_keys: Sequence[str]) -> pd.Data
         return pd.DataFrame()
     keys = row_keys(ok, config_keys)
     ops = operators(ok)
-    quantities = [q for q in QUANTITIES if q.column in ok and ok[q.column].notna().any()]
+    quantities = [q for q in report_quantities() if q.column in ok and ok[q.column].notna().any()]
     index, data = [], []
     for row, members in table_rows(ok, keys):
         index.append(row)
@@ -153,7 +164,7 @@ def display_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     keys = [pd.Series(table.index.get_level_values(k), name=k).map(_key_text) for k in table.index.names]
     shown = {}
     ops = list(dict.fromkeys(table.columns.get_level_values("op")))
-    for quantity in QUANTITIES:
+    for quantity in report_quantities():
         if (ops[0], quantity.header) not in table.columns:
             continue
         values = table.xs(quantity.header, axis=1, level="quantity")
@@ -235,4 +246,4 @@ def _number_or_dash(value: float, text: Callable[[float], str]) -> str:
 
 
 def _key_text(value) -> str:
-    return "–" if is_missing(value) else format_value(value)
+    return "–" if is_missing(value) else format_setting(value)
