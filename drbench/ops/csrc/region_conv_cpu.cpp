@@ -46,7 +46,7 @@ inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n
 // Products with a handful of columns (the positions of one region in a small map at batch 1) are bound by reading
 // A, the weights; the BLAS's GEMM packs A first and took seven times as long as one read of it here. Below this many
 // columns, each row of A is read once and dotted with the (transposed, cached) columns of B.
-constexpr int64_t kSkinnyColumns = 8;
+constexpr int64_t kSkinnyColumns = 24;
 
 template <typename scalar_t>
 void skinny_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
