@@ -790,6 +790,7 @@ at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& st
   const Geometry g = make_geometry(x, conv, grad.size(2), grad.size(3));
   const int64_t C = g.channels, T = g.taps(), P = g.positions(), HW = g.pixels(), batch = g.batch;
   const int64_t regions = coeffs.size(1), Q = coeffs.size(2), O = grad.size(1);
+  const bool pointwise = T == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
   at::Tensor scores = at::empty({batch, regions, g.out_h, g.out_w}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stencil_region_scores", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -817,9 +818,15 @@ at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& st
             const scalar_t* channel = xp + (b * C + c) * HW;
             for (int64_t j = 0; j < regions; ++j) {
               for (int64_t q = 0; q < Q; ++q) {
-                stencil<false>(g, channel, a + ((b * regions + j) * Q + q) * T, values.data());
+                const scalar_t* coef = a + ((b * regions + j) * Q + q) * T;
                 const scalar_t* row = back.data() + ((j * Q + q) * C + c) * width + i * P;
                 scalar_t* sum = sums + j * P;
+                if (pointwise) {  // the stencil is the channel times one coefficient
+                  const scalar_t scale = coef[0];
+                  for (int64_t p = 0; p < P; ++p) sum[p] += scale * row[p] * channel[p];
+                  continue;
+                }
+                stencil<false>(g, channel, coef, values.data());
                 for (int64_t p = 0; p < P; ++p) sum[p] += row[p] * values[p];
               }
             }
