@@ -50,7 +50,7 @@ NOT_COUNTED_OPS = (
     # element-wise arithmetic (residual and bias additions) and scalar shape arithmetic under tracing
     "aten::add", "aten::add_", "aten::mul",
     # data movement and selection
-    "aten::im2col", "aten::argmax", "aten::new_ones",
+    "aten::im2col", "aten::argmax", "aten::pad", "aten::constant_pad_nd",
 )
 """Operators that the published convention does not count: :func:`not_counted` is their handle.
 

@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from drbench.ops import region_conv_cpu
@@ -100,10 +101,21 @@ class DynamicFilterGenerator(nn.Module):
         self.weight = nn.Parameter(torch.randn(regions, hidden_channels // regions, filter_size) * std)
         self.bias = nn.Parameter(torch.randn(regions, 1, filter_size) * std)
 
+    def hidden_units(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden conv's output on the pooled input, before the sigmoid, (B, hidden, kh, kw). For a 1x1 kernel
+        the pooling is a mean and the conv a matrix product, computed as such (a layer at batch 1 spends more in
+        the calls than in the arithmetic)."""
+        if self.pool.output_size != (1, 1):
+            return self.hidden(self.pool(x))
+        weight = self.hidden.weight.flatten(1)
+        pooled = x.mean(dim=(2, 3))
+        out = pooled @ weight.t() if self.hidden.bias is None else torch.addmm(self.hidden.bias, pooled, weight.t())
+        return out[:, :, None, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         regions, per_region, filter_size = self.weight.shape
-        hidden = torch.sigmoid(self.hidden(self.pool(x)))  # (B, m * per_region, kh, kw)
+        hidden = torch.sigmoid(self.hidden_units(x))  # (B, m * per_region, kh, kw)
         taps = hidden.shape[-2] * hidden.shape[-1]
         # (m, B * taps, per_region) @ (m, per_region, O*C): the filter value at every tap of every sample
         hidden = hidden.view(batch, regions, per_region, taps).permute(1, 0, 3, 2).reshape(regions, -1, per_region)
@@ -118,8 +130,8 @@ class DynamicFilterGenerator(nn.Module):
         ``[s, 1]`` (B, m, hidden/m + 1, kh*kw) and weights ``[W[:, 0], ..., W[:, -1], bias]``, each (m, O, C)."""
         regions, out_channels, in_channels = self.shape[:3]
         per_region = self.weight.shape[1]
-        hidden = torch.sigmoid(self.hidden(self.pool(x))).view(x.shape[0], regions, per_region, -1)
-        coeffs = torch.cat([hidden, hidden.new_ones(hidden.shape[0], regions, 1, hidden.shape[-1])], dim=2)
+        hidden = torch.sigmoid(self.hidden_units(x)).view(x.shape[0], regions, per_region, -1)
+        coeffs = F.pad(hidden, (0, 0, 0, 1), value=1.0)  # the bias term's coefficient, 1 at every tap
         weight = self.weight.view(regions, per_region, out_channels, in_channels)
         return coeffs, [*weight.unbind(1), self.bias.view(regions, out_channels, in_channels)]
 

@@ -154,7 +154,8 @@ def bucketed_forward(x, guide, coeffs, weights, kernel, stride, padding, dilatio
     """
     ext = extension()
     conv = conv_args(kernel, stride, padding, dilation)
-    report_executed_macs(x, _executed_macs(x, guide, coeffs, weights, kernel, stencils))
+    if torch._C._len_torch_dispatch_stack():
+        report_executed_macs(x, _executed_macs(x, guide, coeffs, weights, kernel, stencils))
     if not keep:
         return ext.blocked_forward(x, guide, coeffs, weights, per_sample, stencils, conv, bias, _BLOCK_ELEMENTS), None
     regions = guide.shape[1]
@@ -258,8 +259,14 @@ def factored_region_conv2d(x: torch.Tensor, guide: torch.Tensor, coeffs: torch.T
     True
     """
     conv = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
-    x, guide, coeffs, bias, *weights = detached_unless_recorded(x, guide, coeffs, bias, *weights)
-    return FactoredRegionConv2d.apply(x, guide, coeffs, bias, conv, *weights)
+    tensors = (x, guide, coeffs, bias, *weights)
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if recorded or torch.jit.is_tracing():  # a tracer (fvcore's MAC count) sees the Function, not the kernels
+        x, guide, coeffs, bias, *weights = detached_unless_recorded(*tensors)
+        return FactoredRegionConv2d.apply(x, guide, coeffs, bias, conv, *weights)
+    # nothing to differentiate: straight to the kernels (autograd's machinery costs microseconds a layer at batch 1)
+    return bucketed_forward(x, guide, coeffs, weights, *conv, stencils=_uses_stencils(x, guide, coeffs, weights, conv),
+                            bias=bias)[0]
 
 
 def stencils_are_cheaper(terms: int, out_channels: int, channels: int, taps: int, regions: int, positions: int,
@@ -319,12 +326,9 @@ class FactoredRegionConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, guide, coeffs, bias, conv, *weights):
-        kernel = conv[0]
-        keep = any(ctx.needs_input_grad)
-        stencils = coeffs is None or stencils_are_cheaper(len(weights), weights[0].shape[1], x.shape[1],
-                                                          kernel[0] * kernel[1], guide.shape[1],
-                                                          guide.shape[-2] * guide.shape[-1], x.shape[0])
-        out, routing = bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias, keep=keep)
+        stencils = _uses_stencils(x, guide, coeffs, weights, conv)
+        out, routing = bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias,
+                                        keep=any(ctx.needs_input_grad))
         ctx.save_for_backward(x, guide, coeffs, *weights)
         ctx.routing, ctx.conv, ctx.stencils = routing, conv, stencils
         return out
@@ -352,6 +356,15 @@ class FactoredRegionConv2d(torch.autograd.Function):
         grad_bias = grad_out.sum(dim=(0, 2, 3)) if need_bias else None
         return (grad_x, grad_guide, grad_coeffs, grad_bias, None,
                 *(grad_weights if need_weights else [None] * len(weights)))
+
+
+def _uses_stencils(x, guide, coeffs, weights, conv) -> bool:
+    """The way :func:`stencils_are_cheaper` chooses for this call (always stencils without coefficients)."""
+    if coeffs is None:
+        return True
+    kernel = conv[0]
+    return stencils_are_cheaper(len(weights), weights[0].shape[1], x.shape[1], kernel[0] * kernel[1], guide.shape[1],
+                                guide.shape[-2] * guide.shape[-1], x.shape[0])
 
 
 def _filters_from_factors(coeffs, weights, kernel) -> torch.Tensor:
