@@ -55,14 +55,34 @@ void skinny_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t j = 0; j < N; ++j) columns[j * K + k] = B[k * ldb + j];
   }
+  auto store = [&](int64_t i, int64_t j, scalar_t sum) {
+    C[i * ldc + j] = beta == scalar_t(0) ? sum : sum + beta * C[i * ldc + j];
+  };
   for (int64_t i = 0; i < M; ++i) {
     const scalar_t* row = A + i * lda;
-    for (int64_t j = 0; j < N; ++j) {
+    int64_t j = 0;
+    for (; j + 4 <= N; j += 4) {  // four columns per pass over the row: each load of A feeds four multiply-adds
+      const scalar_t *c0 = columns.data() + j * K, *c1 = c0 + K, *c2 = c1 + K, *c3 = c2 + K;
+      scalar_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t a = row[k];
+        s0 += a * c0[k];
+        s1 += a * c1[k];
+        s2 += a * c2[k];
+        s3 += a * c3[k];
+      }
+      store(i, j, s0);
+      store(i, j + 1, s1);
+      store(i, j + 2, s2);
+      store(i, j + 3, s3);
+    }
+    for (; j < N; ++j) {
       const scalar_t* column = columns.data() + j * K;
       scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t k = 0; k < K; ++k) sum += row[k] * column[k];
-      C[i * ldc + j] = beta == scalar_t(0) ? sum : sum + beta * C[i * ldc + j];
+      store(i, j, sum);
     }
   }
 }
