@@ -577,11 +577,24 @@ std::vector<at::Tensor> bucket_matmul_backward(const at::Tensor& grad, const at:
                                                bool need_weights) {
   const std::vector<at::Tensor> weights = last_dim_contiguous(weights_in);
   const int64_t O = weights[0].size(-2), N = features.size(1);
-  // Every column belongs to one GEMM, which writes its features' gradient whole; a weight matrix whose GEMM has no
-  // columns is never written, so only the weights' gradients start at zero.
+  // Every column belongs to one GEMM, which writes its features' gradient whole, and every GEMM writes its weight
+  // matrix's gradient whole; only the matrices of GEMMs without columns are zeroed (below).
   at::Tensor grad_features = need_features ? at::empty_like(features) : at::Tensor();
   std::vector<at::Tensor> grad_weights;
-  for (const auto& w : weights) grad_weights.push_back(need_weights ? at::zeros(w.sizes(), w.options()) : at::Tensor());
+  for (const auto& w : weights) grad_weights.push_back(need_weights ? at::empty(w.sizes(), w.options()) : at::Tensor());
+  if (need_weights) {
+    const int64_t segments = offsets.size(0) - 1, batch = segments / regions;
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    for (int64_t t = 0; t < regions; ++t) {
+      for (int64_t b = 0; b < batch; ++b) {
+        const bool empty = per_sample ? off[t * batch + b + 1] == off[t * batch + b]
+                                      : off[(t + 1) * batch] == off[t * batch];
+        if (!empty) continue;
+        for (auto& w : grad_weights) (per_sample ? w[t][b] : w[t]).zero_();
+        if (!per_sample) break;
+      }
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "bucket_matmul_backward", [&] {
     const scalar_t* f = features.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
