@@ -105,12 +105,13 @@ class DynamicFilterGenerator(nn.Module):
         """The hidden conv's output on the pooled input, before the sigmoid, (B, hidden, kh, kw). For a 1x1 kernel
         the pooling is a mean and the conv a matrix product, computed as such (a layer at batch 1 spends more in
         the calls than in the arithmetic)."""
+        hidden = self.hidden
         if self.pool.output_size != (1, 1):
-            return self.hidden(self.pool(x))
-        weight = self.hidden.weight.flatten(1)
+            return hidden(self.pool(x))
+        weight = hidden.weight.view(hidden.out_channels, -1).t()
         pooled = x.mean(dim=(2, 3))
-        out = pooled @ weight.t() if self.hidden.bias is None else torch.addmm(self.hidden.bias, pooled, weight.t())
-        return out[:, :, None, None]
+        out = pooled @ weight if hidden.bias is None else torch.addmm(hidden.bias, pooled, weight)
+        return out.view(*out.shape, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -230,6 +231,7 @@ class DRConv2d(nn.Module):
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.regions, self.generator_name, self.impl = regions, generator, impl
         self.guide = nn.Conv2d(in_channels, regions, kernel_size, self.stride, self.padding, self.dilation)
+        self._pointwise_guide = kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         if generator == "dynamic":
             self.generator = DynamicFilterGenerator(
                 in_channels, out_channels, kernel_size, regions, hidden_channels or regions
@@ -253,13 +255,13 @@ class DRConv2d(nn.Module):
         product it is: oneDNN's convolution with m = 8 output channels ran 4.5x slower than ``baddbmm`` on this CPU
         (B=32, C=116, 28x28), as slow as a fifth of the whole layer."""
         guide = self.guide
-        if guide.kernel_size != (1, 1) or guide.stride != (1, 1) or guide.padding != (0, 0):
+        if not self._pointwise_guide:
             return guide(x)
-        batch, channels = x.shape[:2]
+        batch, channels, height, width = x.shape
         weight = guide.weight.view(1, -1, channels).expand(batch, -1, -1)
-        flat = x.flatten(2)
+        flat = x.reshape(batch, channels, -1)
         out = torch.bmm(weight, flat) if guide.bias is None else torch.baddbmm(guide.bias.view(1, -1, 1), weight, flat)
-        return out.view(batch, -1, *x.shape[-2:])
+        return out.view(batch, -1, height, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         guide = self.guided_feature(x)

@@ -474,7 +474,7 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
     const scalar_t* a = with_coeffs ? coeffs.data_ptr<scalar_t>() : nullptr;
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    auto run = [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> features, results, values, coefs, filters;
       std::vector<int64_t> order, offsets(regions + 1);
       std::vector<int32_t> sources;
@@ -565,7 +565,12 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
           for (int64_t i = 0; i < n; ++i) to[order[i]] = from[i] + add;
         }
       }
-    });
+    };
+    if (batch * blocks == 1) {
+      run(0, 1);  // one block (small maps at batch 1): no parallel region to open
+    } else {
+      at::parallel_for(0, batch * blocks, 1, run);
+    }
   });
   return out;
 }
