@@ -155,7 +155,8 @@ def test_the_structured_path_needs_a_factored_generator():
 @pytest.mark.parametrize("terms, out_channels, channels, taps, positions, batch, stencils", [
     (2, 64, 64, 9, 784, 16, True),  # 3x3: two GEMM terms against nine taps
     (2, 116, 116, 1, 784, 32, False),  # 1x1 at a batch: a convolution's multiply-adds
-    (2, 464, 464, 1, 49, 1, True),  # 1x1, small map, batch 1: the filters' traffic outweighs their 49 positions
+    (2, 464, 464, 1, 49, 1, True),  # 1x1, small map, batch 1: a filter too large for the cache, 49 positions
+    (2, 232, 232, 1, 49, 1, False),  # the same with a filter that stays in the cache
 ])
 def test_the_cost_rule_chooses_as_documented(terms, out_channels, channels, taps, positions, batch, stencils):
     assert region_conv_cpu.stencils_are_cheaper(terms, out_channels, channels, taps, 8, positions, batch) == stencils

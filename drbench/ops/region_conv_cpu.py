@@ -275,26 +275,32 @@ def stencils_are_cheaper(terms: int, out_channels: int, channels: int, taps: int
     patches and each segment's filter made from the factors.
 
     Stencils cost Q * (O + taps) * C multiply-adds per position. Filters cost a convolution's O * C * taps per
-    position, plus making m filters per sample (m * Q * O * C * taps) and moving each once out to memory and back
-    (2 * m * O * C * taps floats per sample, at :data:`FLOAT_COST` multiply-adds each). Both read the weights once.
-    A k x k kernel favours stencils (Q = 2 against taps = 9 at the paper's hidden width), a 1x1 kernel filters,
-    except on small maps at small batches, where the filters' traffic outweighs the positions they serve.
+    position, plus making m filters per sample (m * Q * O * C * taps); a filter larger than
+    :data:`FILTER_IN_CACHE` floats also goes out to memory and back (2 * O * C * taps floats, at
+    :data:`FLOAT_COST` multiply-adds each), where a smaller one is still in the core's cache when its product reads
+    it. Both read the weights once. A k x k kernel favours stencils (Q = 2 against taps = 9 at the paper's hidden
+    width), a 1x1 kernel filters, except for wide layers on small maps at batch 1 (measured: 232 -> 232 at 7x7,
+    filters 26% faster; 464 -> 464, stencils 21% faster).
 
     >>> stencils_are_cheaper(2, 64, 64, 9, 8, 784, 16), stencils_are_cheaper(2, 116, 116, 1, 8, 784, 32)
     (True, False)
-    >>> stencils_are_cheaper(2, 464, 464, 1, 8, 49, 1)
-    True
+    >>> stencils_are_cheaper(2, 232, 232, 1, 8, 49, 1), stencils_are_cheaper(2, 464, 464, 1, 8, 49, 1)
+    (False, True)
     """
     with_stencils = batch * positions * terms * channels * (out_channels + taps)
     filter_size = out_channels * channels * taps
-    with_filters = batch * (positions * filter_size + regions * filter_size * (terms + 2 * FLOAT_COST))
+    traffic = 2 * FLOAT_COST if filter_size > FILTER_IN_CACHE else 0
+    with_filters = batch * (positions * filter_size + regions * filter_size * (terms + traffic))
     return with_stencils < with_filters
 
+
+FILTER_IN_CACHE = 180_000
+"""Floats (0.7 MB) up to which a generated filter is still in a core's L2 cache (1 MB here, shared with the block's
+features and results) when the product that made it for reads it."""
 
 FLOAT_COST = 8
 """Multiply-adds that moving one float to or from memory costs, for choosing between ways of computing: this
 machine's one core reads about 9 G floats/s (37 GB/s, a 64 MB sum) and multiplies-adds about 75 G/s in a GEMM."""
-
 
 def factored_scores_are_cheaper(regions: int, terms: int, out_channels: int, channels: int, taps: int,
                                 positions: int) -> bool:
