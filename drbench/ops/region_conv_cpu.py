@@ -1,22 +1,24 @@
-"""Compiled CPU region convolution: positions routed to buckets, one GEMM per bucket, no tile padding.
+"""Compiled CPU region convolution: positions sorted by (region, sample), one GEMM per region or segment, no padding.
 
 Two ways to compute a DRConv layer share these kernels (``csrc/region_conv_cpu.cpp``, built with torch's C++
-extension loader on first use and cached by it between runs):
+extension loader on first use and kept between runs):
 
 - **Per-sample filters** (implementation ``"compiled"`` of :func:`~drbench.ops.functional.region_conv2d`): any
-  filters (B, m, O, C, kh, kw). A bucket is a (sample, region) pair; its positions' patches are gathered into rows
-  and multiplied by that filter.
+  filters (B, m, O, C, kh, kw). A segment is a (sample, region) pair; its positions' patches are gathered into
+  columns and multiplied by that filter.
 - **Factored filters** (:func:`factored_region_conv2d`, what :class:`~drbench.ops.drconv.DRConv2d` runs for its
   ``dynamic`` and ``static`` generators): ``filter[b, t, :, :, tap] = sum_q coeffs[b, t, q, tap] * W_q[t]`` with
-  weights ``W_q`` (m, O, C) shared by the batch. A position in region t is then
-  ``sum_q W_q[t] @ (sum_tap coeffs[b, t, q, tap] * x_tap)``: a bucket is a region, holding the positions of every
-  sample, its rows are those per-q stencils, and no (B, m, O, C, kh, kw) tensor exists. Without coefficients
-  (the static generator) the rows are patches and the weight is the region's filter.
+  weights ``W_q`` (m, O, C) shared by the batch, and no (B, m, O, C, kh, kw) tensor. Either a position in region t
+  is ``sum_q W_q[t] @ (sum_tap coeffs[b, t, q, tap] * x_tap)``, one GEMM per region over every sample's positions
+  (stencils), or each segment's filter is made from the factors where its product runs (filters), whichever
+  :func:`stencils_are_cheaper` says. Without coefficients (the static generator) the columns are patches and the
+  weight is the region's filter.
 
-Backward: exact gradients of x, the coefficients and the weights through the same buckets (GEMMs against the rows
-kept from the forward), the guide's from Eq. 6-8, whose region scores need every region's response everywhere:
-computed from the factors (a GEMM of grad_out against every region's stacked weights, then stencils) when that is
-cheaper than from materialised filters (fast's batched matmul), which it is for k x k kernels but not for 1x1.
+Without autograd the forward goes a block of output rows at a time, in cache. With it, the features are kept, and
+the backward gives exact gradients of x, the coefficients and the weights through the same columns, and the guide's
+from Eq. 6-8, whose region scores need every region's response everywhere: from the factors (a GEMM of grad_out
+against every region's stacked weights, then stencils) or from materialised filters (fast's batched products),
+whichever :func:`factored_scores_are_cheaper` says.
 
 Where the extension cannot be built (no compiler, no headers), :func:`extension` warns once and returns None;
 callers then use the pure-torch implementations. ``DRBENCH_NO_COMPILE=1`` forces that.
@@ -69,11 +71,10 @@ def _executed_macs_flops(anchor_shape, macs: int, *args, **kwargs) -> int:
     return 2 * macs
 
 
-def report_executed_macs(anchor: torch.Tensor, macs: int) -> None:
-    """Tell a counting dispatch mode (FlopCounterMode) that ``macs`` multiply-adds ran outside the dispatcher; a
-    no-op otherwise (no dispatcher call on the hot path)."""
-    if torch._C._len_torch_dispatch_stack():
-        executed_macs(anchor, int(macs))
+def counting_dispatch() -> bool:
+    """Whether a dispatch mode (FlopCounterMode, drbench's memory meter) is watching: only then do the kernels'
+    callers compute and report their multiply-adds with :func:`executed_macs`, off the hot path otherwise."""
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 @functools.cache
@@ -154,8 +155,8 @@ def bucketed_forward(x, guide, coeffs, weights, kernel, stride, padding, dilatio
     """
     ext = extension()
     conv = conv_args(kernel, stride, padding, dilation)
-    if torch._C._len_torch_dispatch_stack():
-        report_executed_macs(x, _executed_macs(x, guide, coeffs, weights, kernel, stencils))
+    if counting_dispatch():
+        executed_macs(x, _executed_macs(x, guide, coeffs, weights, kernel, stencils))
     if not keep:
         return ext.blocked_forward(x, guide, coeffs, weights, per_sample, stencils, conv, bias, _BLOCK_ELEMENTS), None
     regions = guide.shape[1]
@@ -265,20 +266,20 @@ def factored_region_conv2d(x: torch.Tensor, guide: torch.Tensor, coeffs: torch.T
         x, guide, coeffs, bias, *weights = detached_unless_recorded(*tensors)
         return FactoredRegionConv2d.apply(x, guide, coeffs, bias, conv, *weights)
     # nothing to differentiate: straight to the kernels (autograd's machinery costs microseconds a layer at batch 1)
-    return bucketed_forward(x, guide, coeffs, weights, *conv, stencils=_uses_stencils(x, guide, coeffs, weights, conv),
-                            bias=bias)[0]
+    stencils = _uses_stencils(x, guide, coeffs, weights, conv, training=False)
+    return bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias)[0]
 
 
 def stencils_are_cheaper(terms: int, out_channels: int, channels: int, taps: int, regions: int, positions: int,
-                         batch: int) -> bool:
+                         batch: int, training: bool = False) -> bool:
     """Whether a factored layer's forward costs less with stencil features (GEMMs on the shared weights) than with
     patches and each segment's filter made from the factors.
 
     Stencils cost Q * (O + taps) * C multiply-adds per position. Filters cost a convolution's O * C * taps per
-    position, plus making m filters per sample (m * Q * O * C * taps); a filter larger than
-    :data:`FILTER_IN_CACHE` floats also goes out to memory and back (2 * O * C * taps floats, at
-    :data:`FLOAT_COST` multiply-adds each), where a smaller one is still in the core's cache when its product reads
-    it. Both read the weights once. A k x k kernel favours stencils (Q = 2 against taps = 9 at the paper's hidden
+    position, plus making m filters per sample (m * Q * O * C * taps); in ``training``, or when a filter is larger
+    than :data:`FILTER_IN_CACHE` floats, they also go out to memory and back (2 * O * C * taps floats, at
+    :data:`FLOAT_COST` multiply-adds each: the backward makes them all again), where without autograd a smaller one
+    is still in the core's cache when its product reads it. Both read the weights once. A k x k kernel favours stencils (Q = 2 against taps = 9 at the paper's hidden
     width), a 1x1 kernel filters, except for wide layers on small maps at batch 1 (measured: 232 -> 232 at 7x7,
     filters 26% faster; 464 -> 464, stencils 21% faster).
 
@@ -286,10 +287,12 @@ def stencils_are_cheaper(terms: int, out_channels: int, channels: int, taps: int
     (True, False)
     >>> stencils_are_cheaper(2, 232, 232, 1, 8, 49, 1), stencils_are_cheaper(2, 464, 464, 1, 8, 49, 1)
     (False, True)
+    >>> stencils_are_cheaper(2, 48, 48, 1, 8, 64, 32), stencils_are_cheaper(2, 48, 48, 1, 8, 64, 32, training=True)
+    (False, True)
     """
     with_stencils = batch * positions * terms * channels * (out_channels + taps)
     filter_size = out_channels * channels * taps
-    traffic = 2 * FLOAT_COST if filter_size > FILTER_IN_CACHE else 0
+    traffic = 2 * FLOAT_COST if training or filter_size > FILTER_IN_CACHE else 0
     with_filters = batch * (positions * filter_size + regions * filter_size * (terms + traffic))
     return with_stencils < with_filters
 
@@ -332,9 +335,9 @@ class FactoredRegionConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, guide, coeffs, bias, conv, *weights):
-        stencils = _uses_stencils(x, guide, coeffs, weights, conv)
-        out, routing = bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias,
-                                        keep=any(ctx.needs_input_grad))
+        keep = any(ctx.needs_input_grad)
+        stencils = _uses_stencils(x, guide, coeffs, weights, conv, training=keep)
+        out, routing = bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias, keep=keep)
         ctx.save_for_backward(x, guide, coeffs, *weights)
         ctx.routing, ctx.conv, ctx.stencils = routing, conv, stencils
         return out
@@ -364,13 +367,13 @@ class FactoredRegionConv2d(torch.autograd.Function):
                 *(grad_weights if need_weights else [None] * len(weights)))
 
 
-def _uses_stencils(x, guide, coeffs, weights, conv) -> bool:
+def _uses_stencils(x, guide, coeffs, weights, conv, training: bool) -> bool:
     """The way :func:`stencils_are_cheaper` chooses for this call (always stencils without coefficients)."""
     if coeffs is None:
         return True
     kernel = conv[0]
     return stencils_are_cheaper(len(weights), weights[0].shape[1], x.shape[1], kernel[0] * kernel[1], guide.shape[1],
-                                guide.shape[-2] * guide.shape[-1], x.shape[0])
+                                guide.shape[-2] * guide.shape[-1], x.shape[0], training)
 
 
 def _filters_from_factors(coeffs, weights, kernel) -> torch.Tensor:
