@@ -1,15 +1,17 @@
 // CPU kernels of drbench's compiled region convolution (drbench/ops/region_conv_cpu.py holds the maths and the
-// autograd wiring; this file moves memory and calls ATen's GEMMs).
+// autograd wiring; this file moves memory and calls the BLAS).
 //
 // Output positions are ordered by (region, sample): a *segment* is one sample's positions in one region, and a
 // region's segments are consecutive, so a region is one range of columns too. Everything is kept column-major in
 // positions, as NCHW tensors are: a feature matrix is (K, N) with one column per position, so gathering and
-// scattering read and write rows of the input and output (a few KB each, in L1) and the GEMMs need no transpose.
-// A column's features (K values) are either
+// scattering read and write rows of the input and output and the GEMMs need no transpose. A column's features
+// (K values) are either
 //   - its patch (im2col, filter order [c][tap]) when no coefficients are given, or
 //   - coefficient stencils: row q * C + c holds sum_tap coeffs[b, t, q, tap] * x[b, c, tap].
-// Every parallel loop owns what it writes (segments, or (sample, channel) pairs for the input's gradient), so
-// results do not depend on the thread count.
+// With autograd the whole batch is routed, gathered, multiplied and scattered once, and the features are kept for
+// the backward; without it, blocked_forward does the same a block of output rows at a time, in cache.
+// Every parallel loop owns what it writes (segments, (sample, channel) pairs, samples or blocks), so results do not
+// depend on the thread count.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -877,7 +879,6 @@ at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& st
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("region_mask", &region_mask);
   m.def("route", &route);
   m.def("gather_features", &gather_features);
   m.def("bucket_matmul", &bucket_matmul);
