@@ -34,11 +34,6 @@ STRUCTURED = "structured"
 factored_region_conv2d`): the ``dynamic`` and ``static`` generators, on CPU where the compiled kernels build."""
 
 
-@functools.cache
-def _default_impl(device_type: str, generator: str) -> str:
-    return default_drconv_impl(device_type, generator)  # once per process: a forward at batch 1 takes microseconds
-
-
 def drconv_impls(device_type: str | None = None) -> list[str]:
     """Every ``impl`` a :class:`DRConv2d` takes: the region_conv2d implementations, and "structured"; given a
     ``device_type``, only those that run there.
@@ -55,6 +50,7 @@ def _conv_init_std(fan_in: int) -> float:
     return 1.0 / math.sqrt(3 * fan_in)
 
 
+@functools.cache  # decided once per process: DRConv2d.forward asks on every call, and at batch 1 a call is short
 def default_drconv_impl(device_type: str, generator: str = "dynamic") -> str:
     """What a :class:`DRConv2d` with ``generator`` runs on tensors of ``device_type`` when no ``impl`` is named:
     the structured path where it runs (dynamic and static generators), else the device's default region_conv2d
@@ -266,7 +262,7 @@ class DRConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         guide = self.guided_feature(x)
         self._last_guide = guide.detach()
-        impl = self.impl or _default_impl(x.device.type, self.generator_name)
+        impl = self.impl or default_drconv_impl(x.device.type, self.generator_name)
         if impl == STRUCTURED:
             coeffs, weights = self.generator.factors(x)
             return factored_region_conv2d(x, guide, coeffs, weights, self.kernel_size, self.stride, self.padding,
