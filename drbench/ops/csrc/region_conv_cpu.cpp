@@ -273,6 +273,44 @@ inline void for_each_column(const int64_t* offsets, const int64_t* order, int64_
   }
 }
 
+// Calls fn(b, c, tap, n, source) for every element of every column's patch (source: where it lies in channel c of
+// sample b, -1 outside the image), a (sample, channel) pair per parallel job: the traversal shared by gathering
+// patches and by its adjoint, whose job owns its channel's gradient.
+template <typename F>
+void for_each_patch_element(const Geometry& g, const int32_t* sources, const int64_t* offsets, const int64_t* order,
+                            int64_t regions, F fn) {
+  const int64_t C = g.channels, T = g.taps();
+  at::parallel_for(0, g.batch * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t b = job / C, c = job % C;
+      for (int64_t tap = 0; tap < T; ++tap) {
+        for_each_column(offsets, order, regions, g.batch, b, [&](int64_t n, int64_t) {
+          fn(b, c, tap, n, sources[n * T + tap]);
+        });
+      }
+    }
+  });
+}
+
+// Calls fn(b, c, q, coefs, values) for every sample, channel and stencil term, with coefs the per-position
+// coefficients of term q for sample b ((taps, P), from position_coefficients) and values a P-element buffer of the
+// calling thread; the channels of a sample run side by side. Shared by making stencils and by their adjoint.
+template <typename scalar_t, typename F>
+void for_each_stencil_row(const Geometry& g, const scalar_t* coeffs, int64_t regions, int64_t Q, const int64_t* mask,
+                          F fn) {
+  const int64_t T = g.taps(), P = g.positions();
+  std::vector<scalar_t> coefs(Q * T * P);
+  for (int64_t b = 0; b < g.batch; ++b) {
+    position_coefficients(g, coeffs, regions, Q, mask, b, coefs.data());
+    at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> values(P);
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t q = 0; q < Q; ++q) fn(b, c, q, coefs.data() + q * T * P, values.data());
+      }
+    });
+  }
+}
+
 }  // namespace
 
 // The region of each position, (B * P) int64: argmax over dim 1, ties to the lowest index and NaN winning as in
@@ -355,37 +393,18 @@ at::Tensor gather_features(const at::Tensor& x_in, const at::Tensor& mask, const
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* out = features.data_ptr<scalar_t>();
     if (!stencils) {
-      const int32_t* src = sources.data_ptr<int32_t>();
-      at::parallel_for(0, batch * C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t job = begin; job < end; ++job) {
-          const int64_t b = job / C, c = job % C;
-          const scalar_t* channel = xp + job * HW;
-          for (int64_t tap = 0; tap < T; ++tap) {
-            scalar_t* row = out + (c * T + tap) * N;
-            for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t) {
-              const int32_t from = src[n * T + tap];
-              row[n] = from >= 0 ? channel[from] : scalar_t(0);
-            });
-          }
-        }
+      for_each_patch_element(g, sources.data_ptr<int32_t>(), off, order_p, regions,
+                             [&](int64_t b, int64_t c, int64_t tap, int64_t n, int32_t from) {
+        out[(c * T + tap) * N + n] = from >= 0 ? xp[(b * C + c) * HW + from] : scalar_t(0);
       });
       return;
     }
-    const scalar_t* a = coeffs.data_ptr<scalar_t>();
-    std::vector<scalar_t> coefs(Q * T * P);
-    for (int64_t b = 0; b < batch; ++b) {
-      position_coefficients(g, a, regions, Q, mask.data_ptr<int64_t>(), b, coefs.data());
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> values(P);
-        for (int64_t c = begin; c < end; ++c) {
-          for (int64_t q = 0; q < Q; ++q) {
-            stencil<true>(g, xp + (b * C + c) * HW, coefs.data() + q * T * P, values.data());
-            scalar_t* row = out + (q * C + c) * N;
-            for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t p) { row[n] = values[p]; });
-          }
-        }
-      });
-    }
+    for_each_stencil_row(g, coeffs.data_ptr<scalar_t>(), regions, Q, mask.data_ptr<int64_t>(),
+                         [&](int64_t b, int64_t c, int64_t q, const scalar_t* coefs, scalar_t* values) {
+      stencil<true>(g, xp + (b * C + c) * HW, coefs, values);
+      scalar_t* row = out + (q * C + c) * N;
+      for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t p) { row[n] = values[p]; });
+    });
   });
   return features;
 }
@@ -727,49 +746,29 @@ at::Tensor features_backward_input(const at::Tensor& grad_features, const at::Te
     const scalar_t* gf = grad_features.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
     if (!stencils) {
-      const int32_t* src = sources.data_ptr<int32_t>();
-      at::parallel_for(0, batch * C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t job = begin; job < end; ++job) {
-          const int64_t b = job / C, c = job % C;
-          scalar_t* channel = out + job * HW;
-          for (int64_t tap = 0; tap < T; ++tap) {
-            const scalar_t* row = gf + (c * T + tap) * N;
-            for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t) {
-              const int32_t to = src[n * T + tap];
-              if (to >= 0) channel[to] += row[n];
-            });
-          }
-        }
+      for_each_patch_element(g, sources.data_ptr<int32_t>(), off, order_p, regions,
+                             [&](int64_t b, int64_t c, int64_t tap, int64_t n, int32_t to) {
+        if (to >= 0) out[(b * C + c) * HW + to] += gf[(c * T + tap) * N + n];
       });
       return;
     }
-    const scalar_t* a = coeffs.data_ptr<scalar_t>();
-    std::vector<scalar_t> coefs(Q * T * P);
-    for (int64_t b = 0; b < batch; ++b) {
-      position_coefficients(g, a, regions, Q, mask.data_ptr<int64_t>(), b, coefs.data());
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> values(P);
-        for (int64_t c = begin; c < end; ++c) {
-          scalar_t* channel = out + (b * C + c) * HW;
-          for (int64_t q = 0; q < Q; ++q) {
-            const scalar_t* row = gf + (q * C + c) * N;
-            for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t p) { values[p] = row[n]; });
-            const scalar_t* coef = coefs.data() + q * T * P;
-            const int64_t stride = g.sw;
-            for_each_tap_run(g, [&](int64_t tap, int64_t first, int64_t source, int64_t count) {
-              const scalar_t* weight = coef + tap * P + first;
-              const scalar_t* from = values.data() + first;
-              scalar_t* to = channel + source;
-              if (stride == 1) {
-                axpy_run<true>(to, weight, from, count, 1);
-              } else {
-                for (int64_t k = 0; k < count; ++k) to[k * stride] += weight[k] * from[k];
-              }
-            });
-          }
+    const int64_t stride = g.sw;
+    for_each_stencil_row(g, coeffs.data_ptr<scalar_t>(), regions, Q, mask.data_ptr<int64_t>(),
+                         [&](int64_t b, int64_t c, int64_t q, const scalar_t* coefs, scalar_t* values) {
+      const scalar_t* row = gf + (q * C + c) * N;
+      for_each_column(off, order_p, regions, batch, b, [&](int64_t n, int64_t p) { values[p] = row[n]; });
+      scalar_t* channel = out + (b * C + c) * HW;
+      for_each_tap_run(g, [&](int64_t tap, int64_t first, int64_t source, int64_t count) {
+        const scalar_t* weight = coefs + tap * P + first;
+        const scalar_t* from = values + first;
+        scalar_t* to = channel + source;
+        if (stride == 1) {
+          axpy_run<true>(to, weight, from, count, 1);
+        } else {
+          for (int64_t k = 0; k < count; ++k) to[k * stride] += weight[k] * from[k];
         }
       });
-    }
+    });
   });
   return grad.contiguous(x.suggest_memory_format());
 }
