@@ -28,7 +28,7 @@ def test_drconv_with_one_region_is_a_convolution_with_its_generated_filter():
 @pytest.mark.parametrize("kernel, hidden", [(1, 4), (3, 4), (3, 8)])
 def test_dynamic_generator_is_the_papers_pool_conv_sigmoid_grouped_conv(kernel, hidden):
     torch.manual_seed(0)
-    layer = DRConv2d(5, 6, kernel, padding=kernel // 2, regions=4, hidden_channels=hidden).double()
+    layer = DRConv2d(5, 6, kernel, padding=kernel // 2, regions=4, hidden_channels=hidden, init="independent").double()
     generator = layer.generator
     x = torch.randn(3, 5, 9, 9, dtype=torch.float64)
     hidden_units = torch.sigmoid(generator.hidden(F.adaptive_avg_pool2d(x, kernel)))
@@ -64,7 +64,7 @@ def test_condconv_with_one_expert_is_a_convolution_scaled_by_its_routing_weight(
 
 def test_guided_mask_is_translation_equivariant_away_from_borders():
     torch.manual_seed(0)
-    layer = DRConv2d(3, 4, 3, padding=1, regions=8).double()
+    layer = DRConv2d(3, 4, 3, padding=1, regions=8, init="independent").double()
     x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
     shift = 3
     layer(x)

@@ -58,7 +58,8 @@ CASES = [
 def make_layer(case: Case, generator: str, dtype: torch.dtype) -> DRConv2d:
     torch.manual_seed(0)
     layer = DRConv2d(case.channels, case.out_channels, case.kernel, case.stride, case.padding, case.dilation,
-                     regions=case.regions, generator=generator, hidden_channels=case.hidden).to(dtype)
+                     regions=case.regions, generator=generator, hidden_channels=case.hidden, init="independent",
+                     guide_bias=True).to(dtype)  # unrelated regions: a routing error shows in every output
     with torch.no_grad():
         layer.guide.bias[0] += case.dominant
         layer.bias.normal_()  # the layer's bias is zero at init: make its gradient path visible

@@ -29,6 +29,11 @@ from drbench.ops.region_conv_cpu import factored_region_conv2d
 from drbench.ops.registry import register_op
 
 GENERATORS = ("dynamic", "static", "mixture")
+INITS = ("authors", "independent")
+"""How a :class:`DRConv2d` starts. ``"authors"`` (default), as in the authors' released code (megvii-research/DRConv,
+``DRConv.py``): every region's filter starts within a few percent of the others, so all regions score alike and the
+guide starts with almost no gradient. ``"independent"``: each region's filter drawn on its own (drbench before
+0.3), kept for the init ablation."""
 STRUCTURED = "structured"
 """The ``impl`` that computes the layer from its generator's factors (:func:`~drbench.ops.region_conv_cpu.
 factored_region_conv2d`): the ``dynamic`` and ``static`` generators, on CPU where the compiled kernels build."""
@@ -78,11 +83,14 @@ class DynamicFilterGenerator(nn.Module):
 
     Init: the generated filter is ``sigmoid(h) * w + b`` per hidden unit; w and b start with the std of a
     ``nn.Conv2d`` weight scaled by 1/sqrt(1 + 0.25 * hidden/m) (sigmoid is about 0.5 at init), so the generated
-    filters start with the variance of the convolution they replace.
+    filters start with the variance of the convolution they replace. With ``init="authors"`` every region starts
+    with the same w and b and the hidden conv as the authors' routing layer (weights N(0, 0.01), bias 0), so the
+    sigmoids are 0.5 within about 1% and the regions' filters differ by as little; ``"independent"`` draws each
+    region's w and b (and the hidden conv) on its own.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], regions: int,
-                 hidden_channels: int):
+                 hidden_channels: int, init: str = "authors"):
         super().__init__()
         if hidden_channels < regions or hidden_channels % regions:
             raise ValueError(
@@ -94,8 +102,13 @@ class DynamicFilterGenerator(nn.Module):
         std = _conv_init_std(in_channels * kernel_size[0] * kernel_size[1])
         std /= math.sqrt(1 + 0.25 * hidden_channels / regions)
         filter_size = out_channels * in_channels
-        self.weight = nn.Parameter(torch.randn(regions, hidden_channels // regions, filter_size) * std)
-        self.bias = nn.Parameter(torch.randn(regions, 1, filter_size) * std)
+        drawn_regions = 1 if init == "authors" else regions
+        weight = torch.randn(drawn_regions, hidden_channels // regions, filter_size) * std
+        bias = torch.randn(drawn_regions, 1, filter_size) * std
+        self.weight = nn.Parameter(weight.expand(regions, -1, -1).clone())
+        self.bias = nn.Parameter(bias.expand(regions, -1, -1).clone())
+        if init == "authors":
+            _init_as_authors_routing(self.hidden)
 
     def hidden_units(self, x: torch.Tensor) -> torch.Tensor:
         """The hidden conv's output on the pooled input, before the sigmoid, (B, hidden, kh, kw). For a 1x1 kernel
@@ -134,13 +147,19 @@ class DynamicFilterGenerator(nn.Module):
 
 
 class StaticFilterGenerator(nn.Module):
-    """m learned filters shared by all samples: isolates the value of the regions from that of dynamic filters."""
+    """m learned filters shared by all samples: isolates the value of the regions from that of dynamic filters.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], regions: int):
+    Each filter starts as an ``nn.Conv2d`` weight: one draw copied to every region with ``init="authors"`` (the
+    regions then part as each learns from its own positions), one draw per region with ``"independent"``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], regions: int,
+                 init: str = "authors"):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(regions, out_channels, in_channels, *kernel_size))
-        for region_weight in self.weight:
+        drawn = torch.empty(1 if init == "authors" else regions, out_channels, in_channels, *kernel_size)
+        for region_weight in drawn:
             nn.init.kaiming_uniform_(region_weight, a=math.sqrt(5))
+        self.weight = nn.Parameter(drawn.expand(regions, *drawn.shape[1:]).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight.unsqueeze(0).expand(x.shape[0], *self.weight.shape)
@@ -151,27 +170,41 @@ class StaticFilterGenerator(nn.Module):
 
 
 class MixtureFilterGenerator(nn.Module):
-    """CondConv-style generator (the authors' later release): each region's filter mixes ``bases`` basis kernels.
+    """The authors' released generator (megvii-research/DRConv, ``DRConv.py``): each region's filter mixes ``bases``
+    basis kernels shared by all regions.
 
-    Mixing weights are ``sigmoid(Linear(GAP(x)))``, one set per region. Bases start with a conv's std scaled by
-    1/sqrt(0.25 * bases) so the mixture (weights about 0.5) keeps a conv's variance.
+    Mixing coefficients are ``2 * sigmoid(Linear(GAP(x))) / bases``, one set per region, so each filter starts as
+    about the mean of the bases. Bases start He-uniform, U(-sqrt(6/n), sqrt(6/n)) with n the fan-in, as the authors'
+    ``reset_parameters``. The routing layer starts at N(0, 0.01) with bias 0 (``init="authors"``), which makes every
+    region's coefficients 1/bases within about 1%; ``"independent"`` keeps ``nn.Linear``'s default init, whose
+    routing differs by region from the start.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], regions: int, bases: int):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], regions: int, bases: int,
+                 init: str = "authors"):
         super().__init__()
         if bases < 1:
             raise ValueError(f"DRConv2d: bases must be >= 1, got {bases}")
         self.regions = regions
         self.bases = nn.Parameter(torch.empty(bases, out_channels, in_channels, *kernel_size))
-        std = _conv_init_std(in_channels * kernel_size[0] * kernel_size[1]) / math.sqrt(0.25 * bases)
-        nn.init.normal_(self.bases, std=std)
+        bound = math.sqrt(6 / (in_channels * kernel_size[0] * kernel_size[1]))
+        nn.init.uniform_(self.bases, -bound, bound)
         self.routing = nn.Linear(in_channels, regions * bases)
+        if init == "authors":
+            _init_as_authors_routing(self.routing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        weights = torch.sigmoid(self.routing(x.mean(dim=(2, 3)))).view(batch * self.regions, -1)
+        batch, bases = x.shape[0], self.bases.shape[0]
+        weights = (2 / bases) * torch.sigmoid(self.routing(x.mean(dim=(2, 3)))).view(batch * self.regions, -1)
         filters = weights @ self.bases.flatten(1)
         return filters.view(batch, self.regions, *self.bases.shape[1:])
+
+
+def _init_as_authors_routing(layer: nn.Linear | nn.Conv2d) -> None:
+    """The authors' routing layer init (``DRConv.reset_parameters``): weights N(0, 0.01), bias 0."""
+    nn.init.normal_(layer.weight, std=0.01)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
 
 
 class DRConv2d(nn.Module):
@@ -183,6 +216,9 @@ class DRConv2d(nn.Module):
             samples) or ``"mixture"`` (each region's filter mixes ``bases`` basis kernels, CondConv-style).
         hidden_channels: hidden width of the dynamic generator, a multiple of ``regions`` (default ``regions``).
         bases: basis kernels of the mixture generator (default 8).
+        init: ``"authors"`` (every region's filter starts within a few percent of the others, as in the authors'
+            code) or ``"independent"`` (each region drawn on its own); see :data:`INITS`.
+        guide_bias: whether the guide convolution has a bias (the authors' has none).
         impl: how to compute the layer (:func:`drconv_impls`): ``"structured"`` from the generator's factors, or
             a :func:`~drbench.ops.functional.region_conv2d` implementation on the generated filters. Default: the
             structured path where it runs (dynamic and static generators, CPU, compiled kernels built), else the
@@ -190,7 +226,7 @@ class DRConv2d(nn.Module):
             (:func:`~drbench.ops.functional.default_region_conv_impl`).
 
     The guide convolution uses the same kernel, stride, padding and dilation as the layer, so the guided
-    feature is at the output resolution; it has PyTorch's default conv init.
+    feature is at the output resolution; it has PyTorch's default conv init, as the authors' ``masknet``.
     """
 
     def __init__(
@@ -207,6 +243,8 @@ class DRConv2d(nn.Module):
         generator: str = "dynamic",
         hidden_channels: int | None = None,
         bases: int = 8,
+        init: str = "authors",
+        guide_bias: bool = False,
         impl: str | None = None,
     ):
         super().__init__()
@@ -217,6 +255,8 @@ class DRConv2d(nn.Module):
             )
         if regions < 1:
             raise ValueError(f"DRConv2d: regions must be >= 1, got {regions}")
+        if init not in INITS:
+            raise ValueError(f"DRConv2d: init must be one of {INITS}, got {init!r}")
         if impl is not None and impl not in drconv_impls():
             raise ValueError(f"DRConv2d: impl must be one of {drconv_impls()}, got {impl!r}")
         if impl == STRUCTURED and generator == "mixture":
@@ -225,17 +265,18 @@ class DRConv2d(nn.Module):
         kernel_size = _pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.regions, self.generator_name, self.impl = regions, generator, impl
-        self.guide = nn.Conv2d(in_channels, regions, kernel_size, self.stride, self.padding, self.dilation)
+        self.regions, self.generator_name, self.init, self.impl = regions, generator, init, impl
+        self.guide = nn.Conv2d(in_channels, regions, kernel_size, self.stride, self.padding, self.dilation,
+                               bias=guide_bias)
         self._pointwise_guide = kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         if generator == "dynamic":
             self.generator = DynamicFilterGenerator(
-                in_channels, out_channels, kernel_size, regions, hidden_channels or regions
+                in_channels, out_channels, kernel_size, regions, hidden_channels or regions, init
             )
         elif generator == "static":
-            self.generator = StaticFilterGenerator(in_channels, out_channels, kernel_size, regions)
+            self.generator = StaticFilterGenerator(in_channels, out_channels, kernel_size, regions, init)
         elif generator == "mixture":
-            self.generator = MixtureFilterGenerator(in_channels, out_channels, kernel_size, regions, bases)
+            self.generator = MixtureFilterGenerator(in_channels, out_channels, kernel_size, regions, bases, init)
         else:
             raise ValueError(f"DRConv2d: generator must be one of {GENERATORS}, got {generator!r}")
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -276,14 +317,14 @@ class DRConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, regions={self.regions}, "
-            f"generator={self.generator_name!r}"
+            f"generator={self.generator_name!r}, init={self.init!r}"
         )
 
 
 @register_op(
     "drconv",
     "Dynamic Region-Aware Convolution: m learned regions, one generated filter each",
-    options=("regions", "generator", "hidden_channels", "bases", "impl"),
+    options=("regions", "generator", "hidden_channels", "bases", "init", "guide_bias", "impl"),
 )
 def build_drconv(in_channels: int, out_channels: int, kernel_size, **kwargs) -> DRConv2d:
     return DRConv2d(in_channels, out_channels, kernel_size, **kwargs)
