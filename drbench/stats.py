@@ -19,6 +19,10 @@ threshold" ``t`` means ``ratio > 1 + t`` or ``ratio < 1 / (1 + t)``, symmetric i
   deterministic trainer) make any difference count; with a single seed per side the spread is unknown and the
   threshold rule applies.
 
+Between operators of one run (the report's "vs conv" accuracy), seeds are paired: a seed gives every operator the
+same data order and augmentation, so :func:`paired_difference` takes the per-seed differences and their Student-t
+confidence interval.
+
 This module is a leaf: it imports nothing of drbench.
 """
 
@@ -136,6 +140,49 @@ def decide_seeds(
     significant = abs(mean_c - mean_b) > SEED_SPREADS * pooled_std
     return Decision(_direction(ratio, 0.0, higher_is_better) if significant else Verdict.UNCHANGED, ratio,
                     p_value, f"{SEED_SPREADS:g} pooled std ({pooled_std:.3g})")
+
+
+PAIRED_CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The mean of per-seed differences (current - baseline, seeds both sides finished) and its confidence
+    interval; ``verdict`` is "better" or "worse" when the interval excludes 0, else "no difference", and
+    "one seed" when a single pair leaves the spread unknown (``low`` and ``high`` are then NaN)."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int
+    verdict: str
+
+
+def paired_difference(current: dict[int, float], baseline: dict[int, float], higher_is_better: bool = True,
+                      confidence: float = PAIRED_CONFIDENCE) -> PairedDifference | None:
+    """Per-seed differences ``current[s] - baseline[s]`` over the seeds of both, their mean and Student-t interval;
+    None when no seed is shared.
+
+    >>> d = paired_difference({0: 61.0, 1: 62.5, 2: 61.0}, {0: 60.0, 1: 61.0, 2: 59.5})
+    >>> round(d.mean, 2), round(d.low, 2), round(d.high, 2), d.verdict
+    (1.33, 0.62, 2.05, 'better')
+    """
+    seeds = sorted(set(current) & set(baseline))
+    if not seeds:
+        return None
+    differences = [current[seed] - baseline[seed] for seed in seeds]
+    mean = statistics.fmean(differences)
+    if len(seeds) == 1:
+        return PairedDifference(mean, math.nan, math.nan, 1, "one seed")
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + confidence / 2, len(seeds) - 1)) * statistics.stdev(differences) / math.sqrt(len(seeds))
+    low, high = mean - half, mean + half
+    if low > 0 or high < 0:
+        verdict = "better" if (low > 0) == higher_is_better else "worse"
+    else:
+        verdict = "no difference"
+    return PairedDifference(mean, low, high, len(seeds), verdict)
 
 
 def min_p_value(n: int, m: int) -> float:

@@ -47,7 +47,32 @@ def test_top1_gain_of_exactly_two_points_with_seed_spread():
     assert row[("drconv", "top-1 std (%)")] == pytest.approx(math.sqrt(2))  # sample std of 72, 74
     shown = display_tables(table)["top-1 (%)"]
     assert shown.loc[0, "drconv"] == "73.00 ± 1.41"
-    assert shown.loc[0, "drconv vs conv"] == "+2.00 pts"
+    assert shown.loc[0, "drconv vs conv"] == "+2.00 pts (CI +2.00 to +2.00): better"  # seeds pair: 2 points each
+
+
+def test_top1_gain_is_paired_over_seeds_with_a_confidence_interval():
+    # per-seed differences +3, +1, -1: mean +1, t(0.975, 2) * 2 / sqrt(3) = 4.97 either side
+    table = table_of(record(op="conv", macs=1, top1=[60.0, 62.0, 64.0]),
+                     record(op="drconv", macs=1, top1=[63.0, 63.0, 63.0], regions=8),
+                     record(op="condconv", macs=1, top1=[61.0, 63.5, 65.5], experts=8))
+    row = table.loc[("shufflenetv2", 0.5)]
+    assert row[("drconv", "Δ top-1 vs conv (points)")] == pytest.approx(1.0)
+    assert row[("drconv", "Δ top-1 vs conv (points) 95% CI low")] == pytest.approx(1.0 - 4.9682, abs=1e-3)
+    assert row[("drconv", "Δ top-1 vs conv (points) 95% CI high")] == pytest.approx(1.0 + 4.9682, abs=1e-3)
+    assert row[("drconv", "top-1 vs conv: verdict")] == "no difference"
+    # differences +1, +1.5, +1.5: small spread, the interval excludes 0
+    assert row[("condconv", "top-1 vs conv: verdict")] == "better"
+    shown = display_tables(table)["top-1 (%)"]
+    assert shown.loc[0, "drconv vs conv"] == "+1.00 pts (CI -3.97 to +5.97): no difference"
+
+
+def test_a_paired_gain_uses_only_seeds_both_operators_finished():
+    table = table_of(record(op="conv", macs=1, top1=[60.0, 62.0, None]),
+                     record(op="drconv", macs=1, top1=[None, 65.0, 70.0], regions=8))
+    row = table.loc[("shufflenetv2", 0.5)]
+    assert row[("drconv", "Δ top-1 vs conv (points)")] == pytest.approx(3.0)  # seed 1 only, not 67.5 - 61
+    assert row[("drconv", "top-1 vs conv: verdict")] == "one seed"
+    assert display_tables(table)["top-1 (%)"].loc[0, "drconv vs conv"] == "+3.00 pts: one seed"
 
 
 def test_a_single_seed_has_no_spread():

@@ -44,7 +44,9 @@ MASK_PATTERN = "*mask*.png"
 
 TABLE_NOTE = ("One row per configuration, one column group per operator. Latency: median (IQR) in ms, * marks a "
               "noisy cell (IQR/median above 10%). Top-1: mean ± std over seeds. \"vs conv\" compares with standard "
-              "convolution in the same row: MACs and params in %, latency as a ratio, top-1 in points.")
+              "convolution in the same row: MACs and params in %, latency as a ratio, top-1 in points: the mean of "
+              "the per-seed differences (a seed gives every operator the same data order and augmentation), its "
+              "95% confidence interval and the verdict (better or worse when the interval excludes 0).")
 
 CELL_COLUMNS = ("status", "error", "macs_m", "params_m", "latency_ms", "latency_iqr_ms", "throughput",
                 "train_step_ms", "train_step_iqr_ms", "memory_mib", "top1", "top1_std", "top1_seeds",

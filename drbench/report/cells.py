@@ -13,6 +13,7 @@ was not measured)::
     train_step_ms, train_step_iqr_ms  median and IQR of a training step (forward, backward, optimiser), ms
     memory_mib                    peak forward memory beyond parameters and input, MiB
     top1, top1_std, top1_seeds    top-1 accuracy (%): mean and sample std over seeds, and the number of seeds
+    top1_by_seed                  {seed: top-1} of the runs that finished (seeds pair operators: same data order)
     <metric>.shown                the headline of any other registered metric, in its declared unit
                                   (:func:`other_quantities`)
 
@@ -121,7 +122,7 @@ def derived_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
                zip(_numeric(frame, "latency"), _values_of(frame, "latency.samples"), _numeric(frame, "latency.iqr_s"))]
     latency, q1, q3 = _timing_ms(forward, frame.index)
     train, train_q1, train_q3 = _timing_ms(_values_of(frame, "latency.train"), frame.index)
-    top1, top1_std, seeds = _accuracy(frame)
+    top1, top1_std, seeds, by_seed = _accuracy(frame)
     return {
         "macs_m": _numeric(frame, "macs") / 1e6,
         "params_m": _numeric(frame, "params") / 1e6,
@@ -137,6 +138,7 @@ def derived_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
         "top1": top1,
         "top1_std": top1_std,
         "top1_seeds": seeds,
+        "top1_by_seed": by_seed,
         **{shown_column(q): _numeric(frame, q.name) * q.scale for q in other_quantities()},
     }
 
@@ -214,21 +216,23 @@ def _timing_ms(measurements: list, index: pd.Index) -> tuple[pd.Series, pd.Serie
     return tuple(pd.Series(column, index=index, dtype=float) for column in columns)
 
 
-def _accuracy(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+def _accuracy(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series, pd.Series]:
     """Top-1 mean, sample std and seed count over the runs that finished (``accuracy.runs``), else the stored
-    mean and std. A single seed has no std (NaN, not 0)."""
-    per_seed = [[run.get("top1") for run in runs if run.get("status") == "ok"] if isinstance(runs, list) else []
-                for runs in _values_of(frame, "accuracy.runs")]
-    per_seed = [_numbers(values) for values in per_seed]
+    mean and std; and each cell's {seed: top-1} (None without runs). A single seed has no std (NaN, not 0)."""
+    by_seed = [_top1_by_seed(runs) for runs in _values_of(frame, "accuracy.runs")]
+    per_seed = [list(values.values()) for values in by_seed]
     mean = pd.Series([np.mean(v) if v else np.nan for v in per_seed], index=frame.index, dtype=float)
     std = pd.Series([np.std(v, ddof=1) if len(v) > 1 else np.nan for v in per_seed], index=frame.index, dtype=float)
     seeds = pd.Series([len(v) if v else np.nan for v in per_seed], index=frame.index, dtype=float)
     stored = seeds.isna()
     return (mean.where(~stored, _numeric(frame, "accuracy")), std.where(~stored, _numeric(frame, "accuracy.std")),
-            seeds)
+            seeds, _objects([values or None for values in by_seed], frame.index))
 
 
-def _numbers(values: Any) -> list[float]:
-    if not isinstance(values, (list, tuple)):
-        return []
-    return [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+def _top1_by_seed(runs: Any) -> dict[int, float]:
+    """{seed: top-1} of the finished runs of a stored ``accuracy.runs`` list (anything else: empty)."""
+    if not isinstance(runs, list):
+        return {}
+    return {run["seed"]: float(run["top1"]) for run in runs
+            if isinstance(run, dict) and run.get("status") == "ok" and isinstance(run.get("seed"), int)
+            and isinstance(run.get("top1"), (int, float)) and math.isfinite(run["top1"])}

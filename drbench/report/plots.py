@@ -9,7 +9,8 @@
   latency against the axis; an operator without that axis (conv has no regions) is a dashed level line.
 
 Error bars: latency from the quartiles of the raw samples (a ratio's bar propagates both cells' relative IQR);
-accuracy from the standard deviation over seeds (a gain's bar combines both cells' as independent).
+accuracy from the standard deviation over seeds; an accuracy gain's bar is the 95% confidence interval of the
+per-seed differences (seeds pair operators), or, with one seed, both cells' spreads combined as independent.
 
 >>> from drbench.report.cells import load_results
 >>> results = load_results(["results/quick"])
@@ -124,7 +125,8 @@ def gain_vs_size(cells: pd.DataFrame, config_keys: Sequence[str]) -> Plot | None
     _legend_below(figure, axes[0])
     figure.suptitle(title, fontsize=9)
     caption = ("Each point is one model width (labelled); x is the MACs of that width's standard-conv model. "
-               + ("Error bars: std over seeds of both cells, combined." if with_accuracy else
+               + ("Error bars: 95% confidence interval of the per-seed differences (paired seeds)." if with_accuracy
+                  else
                   "Error bars: the latency ratio's spread from both cells' IQR/median."))
     return Plot("gain_vs_size", title, caption, figure)
 
@@ -243,12 +245,17 @@ def pareto_front(cost: np.ndarray, value: np.ndarray, *, higher_is_better: bool)
 
 
 def _gain(rows: pd.DataFrame, op: str, quantity) -> tuple[np.ndarray, np.ndarray | None]:
-    """The delta column of ``quantity`` for ``op`` and its error bar (see the module docstring)."""
+    """The delta column of ``quantity`` for ``op`` and its error bar (see the module docstring): one half-width
+    per point, or (below, above) from a paired interval."""
     if (op, quantity.delta_header) not in rows:
         return np.full(len(rows), np.nan), None
     gain = rows[(op, quantity.delta_header)].to_numpy(dtype=float)
     if quantity.spread is None:
         return gain, None
+    low_header, high_header = quantity.interval_headers if quantity.paired else (None, None)
+    if (op, low_header) in rows and rows[(op, low_header)].notna().any():
+        low, high = (rows[(op, header)].to_numpy(dtype=float) for header in (low_header, high_header))
+        return gain, np.nan_to_num(np.vstack([gain - low, high - gain]))
     spread_op = rows[(op, quantity.spread_header)].to_numpy(dtype=float)
     spread_conv = rows[(BASELINE_OP, quantity.spread_header)].to_numpy(dtype=float)
     if quantity.delta is POINTS:

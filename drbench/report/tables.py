@@ -27,7 +27,7 @@ import pandas as pd
 from drbench.report.cells import (
     BASELINE_OP, format_setting, hashable_value, is_missing, other_quantities, shown_column, varying_keys,
 )
-from drbench.stats import NOISY_REL_IQR
+from drbench.stats import NOISY_REL_IQR, PAIRED_CONFIDENCE, paired_difference
 
 ALWAYS_KEYS = ("model", "width")
 """Row keys shown even when they do not vary."""
@@ -58,6 +58,7 @@ class Quantity:
     spread: str | None = None
     spread_name: str | None = None
     delta: Delta | None = None
+    paired: str | None = None  # a column of {seed: value}: the delta is then paired over seeds, with its interval
 
     @property
     def header(self) -> str:
@@ -72,6 +73,16 @@ class Quantity:
         assert self.delta is not None
         return self.delta.header.format(name=self.name)
 
+    @property
+    def interval_headers(self) -> tuple[str, str]:
+        """The columns of the paired delta's confidence interval: low, high."""
+        interval = f"{self.delta_header} {PAIRED_CONFIDENCE:.0%} CI"
+        return f"{interval} low", f"{interval} high"
+
+    @property
+    def verdict_header(self) -> str:
+        return f"{self.name} vs conv: verdict"
+
 
 QUANTITIES = (
     Quantity("macs_m", "MACs", "M", delta=PERCENT),
@@ -80,7 +91,8 @@ QUANTITIES = (
     Quantity("throughput", "throughput", "img/s"),
     Quantity("train_step_ms", "training step", "ms", spread="train_step_iqr_ms", spread_name="IQR", delta=RATIO),
     Quantity("memory_mib", "memory", "MiB"),
-    Quantity("top1", "top-1", "%", decimals=2, spread="top1_std", spread_name="std", delta=POINTS),
+    Quantity("top1", "top-1", "%", decimals=2, spread="top1_std", spread_name="std", delta=POINTS,
+             paired="top1_by_seed"),
 )
 
 
@@ -173,8 +185,7 @@ def display_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
         for op in (op for op in ops if values[op].notna().any()):
             columns[op] = [_value_text(quantity, table, op, i) for i in range(len(table))]
             if quantity.delta is not None and (op, quantity.delta_header) in table.columns:
-                deltas = table[(op, quantity.delta_header)]
-                columns[f"{op} vs conv"] = [_number_or_dash(d, quantity.delta.text) for d in deltas]
+                columns[f"{op} vs conv"] = [_delta_text(quantity, table, op, i) for i in range(len(table))]
         shown[quantity.header] = pd.concat([*keys, pd.DataFrame(columns)], axis=1)[measured_rows].reset_index(drop=True)
     return shown
 
@@ -189,7 +200,28 @@ def _quantity_columns(op: str, quantity: Quantity, cell: pd.Series | None, conv:
         baseline = _number(conv, quantity.column)
         valid = not (math.isnan(value) or math.isnan(baseline) or baseline == 0)
         columns[(op, quantity.delta_header)] = quantity.delta.compute(value, baseline) if valid else math.nan
+        if quantity.paired is not None:
+            columns.update(_paired_columns(op, quantity, cell, conv))
     return columns
+
+
+def _paired_columns(op: str, quantity: Quantity, cell: pd.Series | None,
+                    conv: pd.Series | None) -> dict[tuple[str, str], float | str | None]:
+    """The delta over seeds both cells share (replacing the difference of means), its interval and verdict."""
+    low, high = quantity.interval_headers
+    columns: dict[tuple[str, str], float | str | None] = {
+        (op, low): math.nan, (op, high): math.nan, (op, quantity.verdict_header): None}
+    values, baseline = (_mapping(side, quantity.paired) for side in (cell, conv))
+    difference = paired_difference(values, baseline) if values and baseline else None
+    if difference is not None:
+        columns.update({(op, quantity.delta_header): difference.mean, (op, low): difference.low,
+                        (op, high): difference.high, (op, quantity.verdict_header): difference.verdict})
+    return columns
+
+
+def _mapping(cell: pd.Series | None, column: str) -> dict:
+    value = None if cell is None or column not in cell else cell[column]
+    return value if isinstance(value, dict) else {}
 
 
 def _number(cell: pd.Series | None, column: str) -> float:
@@ -241,8 +273,20 @@ def significant(value: float, digits: int = 3) -> str:
     return f"{value:.{decimals}f}"
 
 
-def _number_or_dash(value: float, text: Callable[[float], str]) -> str:
-    return "–" if math.isnan(value) else text(value)
+def _delta_text(quantity: Quantity, table: pd.DataFrame, op: str, row: int) -> str:
+    """``+1.20 pts``; with a paired interval ``+1.20 pts (CI +0.40 to +2.00): better``."""
+    assert quantity.delta is not None
+    delta = table[(op, quantity.delta_header)].iloc[row]
+    if math.isnan(delta):
+        return "–"
+    text = quantity.delta.text(delta)
+    low_header, high_header = quantity.interval_headers
+    if quantity.paired is None or (op, low_header) not in table.columns:
+        return text
+    verdict = table[(op, quantity.verdict_header)].iloc[row]
+    low, high = table[(op, low_header)].iloc[row], table[(op, high_header)].iloc[row]
+    interval = "" if math.isnan(low) else f" (CI {low:+.2f} to {high:+.2f})"
+    return f"{text}{interval}: {verdict}" if isinstance(verdict, str) else text
 
 
 def _key_text(value) -> str:
