@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import numpy as np
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_short_calls_are_grouped_into_blocks():
     calls = []
     # warm-up call takes 1 ms -> 10 calls per block; each block then reports 10 ms
     m = time_callable(lambda: calls.append(1), timer=ScriptedTimer([0.001] + [0.010] * 10), warmup=1,
-                      min_blocks=3, budget_s=10)
+                      min_blocks=3, budget_s=10, warmup_s=0)
     assert m.calls_per_block == 10
     assert m.samples == pytest.approx((0.001,) * 3)
     assert len(calls) == 1 + 3 * 10
@@ -129,9 +130,42 @@ def test_interleaved_timing_alternates_and_shares_the_budget():
     order = []
     fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
     results = time_interleaved(fns, timer=ScriptedTimer([0.02, 0.02] + [0.02] * 20), warmup=1, min_blocks=4,
-                               budget_s=10)
+                               budget_s=10, warmup_s=0)
     assert order == ["a", "b"] + ["a", "b"] * 4
     assert set(results) == {"a", "b"} and all(len(m.samples) == 4 for m in results.values())
+
+
+class CountingClock:
+    """A clock for time.perf_counter that advances ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_warm_up_lasts_at_least_warmup_s_whatever_the_call_count(monkeypatch):
+    calls = []
+    monkeypatch.setattr(timing.time, "perf_counter", CountingClock(0.001))  # each call "takes" about 1 ms
+    time_callable(lambda: calls.append(1), timer=ScriptedTimer([0.01] * 10), warmup=1, min_blocks=3, budget_s=10,
+                  warmup_s=0.05)
+    # 1 warm-up call would have sized the blocks from a cold call: about 50 ms of calls come first instead
+    assert 20 <= len(calls) - 3 <= 60
+
+
+def test_the_reference_settles_before_each_of_its_blocks_and_the_cell_does_not():
+    order = []
+    fns = {"cell": lambda: order.append("cell"), "reference": lambda: order.append("reference")}
+    timer = ScriptedTimer([0.02] * 30)
+    time_interleaved(fns, timer=timer, warmup=1, min_blocks=3, budget_s=10, warmup_s=0,
+                     settle_s={"reference": 0.002})
+    rounds = order[2:]  # after each callable's calibration call
+    blocks = [(name, len(list(run))) for name, run in itertools.groupby(rounds)]
+    assert [name for name, _ in blocks] == ["cell", "reference"] * 3
+    assert all(count == 1 for name, count in blocks if name == "cell")
+    assert all(count > 1 for name, count in blocks if name == "reference")  # untimed calls, then the timed one
 
 
 def test_real_clock_measures_real_work():
