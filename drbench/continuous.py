@@ -19,11 +19,10 @@ so that both measure the same cells whatever their own ``suites/`` hold.
 
 Resume: a cell of a commit with ``k`` successful records on this machine at this thread count (clean checkout)
 is measured in rounds ``k + 1 ... rounds`` only; a second call with the same arguments measures nothing and
-prints the comparison again.
+prints the comparison again. In Python (``drbench continuous HEAD~1 HEAD --suite quick --only op=conv``)::
 
->>> result = run_continuous("HEAD~1", "HEAD", load_suite("suites/quick.yaml"), load_config(), only="op=conv")
->>> result.comparison.regressed, len(result.measured)
-((), 12)
+    result = run_continuous("HEAD~1", "HEAD", load_suite("suites/quick.yaml"), load_config(), only="op=conv")
+    result.comparison.regressed      # the regressed rows; len(result.measured): the processes this call ran
 """
 
 from __future__ import annotations
