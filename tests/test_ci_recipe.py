@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import drbench
+from tests.throwaway import SOURCES, git, throwaway_repository
 
 RECIPE = Path(__file__).resolve().parent.parent / "docs" / "ci" / "drbench-continuous.yml"
-SOURCES = Path(drbench.__file__).resolve().parent
 
 TINY_SUITE = """\
 name: tiny
@@ -26,14 +24,6 @@ metrics:
   params: {}
   latency: {budget_s: 0.05, warmup: 1, min_blocks: 3}
 """
-
-# What makes the last commit slower: every conv built by the registry runs twice, and both results are used, so
-# that MACs count it too (a deterministic regression, whatever the runner's noise).
-CONV_TWICE = '''
-class _ConvTwice(nn.Conv2d):
-    def forward(self, x):
-        return super().forward(x) + 0 * super().forward(x)
-'''
 
 
 def recipe() -> dict:
@@ -48,28 +38,6 @@ def drbench_step(workflow: dict) -> dict:
 def substitute(text: str, expressions: dict[str, str]) -> str:
     """GitHub's ``${{ ... }}`` expressions replaced; an expression this test does not know fails it."""
     return re.sub(r"\$\{\{\s*(.*?)\s*\}\}", lambda match: expressions[match.group(1)], text)
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo), *args], check=True,
-                          capture_output=True, text=True).stdout.strip()
-
-
-def throwaway_repository(path: Path) -> list[str]:
-    """drbench's sources committed three times: as they are, with a comment added, with conv doing twice the work."""
-    shutil.copytree(SOURCES, path / "drbench", ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
-    (path / ".gitignore").write_text("results/\n")
-    git(path.parent, "init", "-q", path.name)
-    git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", "base")
-    conv = path / "drbench" / "ops" / "conv.py"
-    conv.write_text(conv.read_text() + "\n# a comment: the code is the same\n")
-    git(path, "commit", "-q", "-am", "a comment")
-    source = conv.read_text()
-    conv.write_text(source.replace("\n\n@register_op", CONV_TWICE + "\n\n@register_op", 1)
-                    .replace("return nn.Conv2d(", "return _ConvTwice("))
-    git(path, "commit", "-q", "-am", "conv twice")
-    return git(path, "rev-list", "--reverse", "HEAD").split()
 
 
 def test_the_recipe_runs_on_pull_requests_with_both_commits_in_the_clone():

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from drbench.results import RunWriter
 from drbench.stats import Verdict
 from drbench.suite import Cell, load_suite
 from tests.comparison_records import git_repo, timings
+from tests.throwaway import SOURCES, git, throwaway_repository
 
 runner = CliRunner()
 
@@ -150,10 +152,6 @@ def project(tmp_path, monkeypatch):
     return tmp_path, commits, config, load_suite("tiny.yaml", config)
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
-
-
 def test_a_slower_head_is_a_regression_and_a_second_call_measures_nothing(project):
     tmp_path, commits, config, suite = project
     fake = FakeProcesses(tmp_path / "results", commits[2], slowdown=1.5)
@@ -170,8 +168,8 @@ def test_a_slower_head_is_a_regression_and_a_second_call_measures_nothing(projec
     assert again.measured == () and again.skipped == 8
     assert again.comparison.counts() == result.comparison.counts()
     # the worktrees are gone, the user's checkout is where it was
-    assert git(tmp_path / "repo", "worktree", "list").count("\n") == 1
-    assert git(tmp_path / "repo", "rev-parse", "HEAD").strip() == commits[2]
+    assert git(tmp_path / "repo", "worktree", "list").count("\n") == 0  # the checkout itself only
+    assert git(tmp_path / "repo", "rev-parse", "HEAD") == commits[2]
 
 
 def test_the_same_code_at_two_commits_is_no_regression_and_only_narrows_the_cells(project):
@@ -190,7 +188,7 @@ def test_uncommitted_changes_are_not_measured_and_the_comparison_says_so(project
     fake = FakeProcesses(tmp_path / "results", commits[2])
     result = run_continuous("HEAD~1", "HEAD", suite, config, rounds=1, only="op=conv", measure=fake)
     assert any("uncommitted changes; they were not measured" in note for note in result.comparison.notes)
-    assert git(tmp_path / "repo", "status", "--porcelain", "--untracked-files=no") == "A  tracked.txt\n"
+    assert git(tmp_path / "repo", "status", "--porcelain", "--untracked-files=no") == "A  tracked.txt"
 
 
 def test_a_process_that_stores_nothing_is_an_error_quoting_its_output(project):
@@ -198,7 +196,7 @@ def test_a_process_that_stores_nothing_is_an_error_quoting_its_output(project):
     fake = FakeProcesses(tmp_path / "results", commits[2], store=False)
     with pytest.raises(MeasurementError, match="stored no record"):
         run_continuous("HEAD~1", "HEAD", suite, config, rounds=1, measure=fake)
-    assert git(tmp_path / "repo", "worktree", "list").count("\n") == 1
+    assert git(tmp_path / "repo", "worktree", "list").count("\n") == 0
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -229,3 +227,28 @@ def test_outside_a_git_checkout_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["continuous", "HEAD~1", "HEAD", "--suite", "tiny.yaml", "--repo", str(tmp_path)])
     assert result.exit_code == 2 and "is not in a git checkout" in result.output
+
+
+# Real processes and timings --------------------------------------------------------------------------------------
+
+
+@pytest.mark.timing
+def test_doubled_conv_work_is_flagged_and_a_comment_is_not_each_within_minutes(tmp_path):
+    """The issue's check, in a throwaway repository of drbench's sources: ``drbench continuous HEAD~1 HEAD --suite
+    quick --only op=conv`` exits 0 between two commits that differ in a comment, and 1 when conv does twice the work
+    (its latency flagged, not only its MACs)."""
+    repo = tmp_path / "repo"
+    base, comment, slower = throwaway_repository(repo)
+    drbench = str(Path(sys.executable).parent / "drbench")
+    environment = {**os.environ, "PYTHONPATH": str(SOURCES.parent)}
+    for (old, new), expected in (((base, comment), 0), ((comment, slower), 1)):
+        git(repo, "checkout", "-q", new)
+        started = time.monotonic()
+        finished = subprocess.run([drbench, "continuous", "HEAD~1", "HEAD", "--suite", "quick", "--only", "op=conv",
+                                   "--format", "json"], cwd=repo, env=environment, capture_output=True, text=True)
+        minutes = (time.monotonic() - started) / 60
+        assert finished.returncode == expected, finished.stdout + finished.stderr
+        assert minutes < 5, f"{minutes:.1f} minutes"
+        latency = {cell["label"]: cell["verdict"] for cell in json.loads(finished.stdout)["cells"]
+                   if cell["metric"] == "latency"}
+        assert set(latency.values()) == ({"unchanged"} if expected == 0 else {"regressed"}), latency
