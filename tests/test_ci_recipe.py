@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.throwaway import SOURCES, git, throwaway_repository
+from throwaway import SOURCES, git, throwaway_repository
 
 RECIPE = Path(__file__).resolve().parent.parent / "docs" / "ci" / "drbench-continuous.yml"
 

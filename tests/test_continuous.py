@@ -24,8 +24,8 @@ from drbench.record import Record
 from drbench.results import RunWriter
 from drbench.stats import Verdict
 from drbench.suite import Cell, load_suite
-from tests.comparison_records import git_repo, timings
-from tests.throwaway import SOURCES, git, throwaway_repository
+from comparison_records import git_repo, timings
+from throwaway import SOURCES, git, throwaway_repository
 
 runner = CliRunner()
 

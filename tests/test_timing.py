@@ -168,6 +168,27 @@ def test_the_reference_settles_before_each_of_its_blocks_and_the_cell_does_not()
     assert all(count > 1 for name, count in blocks if name == "reference")  # untimed calls, then the timed one
 
 
+@pytest.mark.timing
+def test_the_reference_gives_the_same_figure_beside_a_model_at_either_thread_count():
+    """The issue's case: ShuffleNetV2 0.5x conv, 224px, batch 8, timed beside the reference kernel with two threads,
+    then one (the default 1 s budget). The reference's median stays where it is timed alone, whatever the cell's
+    thread count, so the ratio relative to it is the raw ratio (before, it moved 0.42 -> 0.58 ms with the cell and
+    read 1.15x for a raw 1.58x)."""
+    from drbench.models import create_model
+
+    model, example = create_model("shufflenetv2", width=0.5, op="conv"), torch.randn(8, 3, 224, 224)
+    alone = time_callable(reference_kernel("cpu"), budget_s=0.5)
+    timed = {}
+    for threads in (2, 1):
+        with fixed_threads(threads):
+            timed[threads] = forward_latency(model, example, reference=True, budget_s=1.0)
+    references = {threads: m.reference.median / alone.median for threads, m in timed.items()}
+    assert all(0.9 < ratio < 1.1 for ratio in references.values()), references
+    raw = timed[1].median / timed[2].median
+    relative = np.median(timed[1].relative_samples) / np.median(timed[2].relative_samples)
+    assert relative == pytest.approx(raw, rel=0.1), (raw, relative)
+
+
 def test_real_clock_measures_real_work():
     x = torch.randn(128, 128)
     m = time_callable(lambda: x @ x, budget_s=0.05, min_blocks=3, warmup=1)
