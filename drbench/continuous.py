@@ -113,16 +113,11 @@ class ContinuousObserver(Protocol):
 
     def planned(self, jobs: Sequence[Job], skipped: int) -> None: ...
 
-    def job_started(self, index: int, job: Job) -> None: ...
-
     def job_finished(self, index: int, outcome: JobOutcome) -> None: ...
 
 
 class _SilentObserver:
     def planned(self, jobs: Sequence[Job], skipped: int) -> None:
-        pass
-
-    def job_started(self, index: int, job: Job) -> None:
         pass
 
     def job_finished(self, index: int, outcome: JobOutcome) -> None:
@@ -310,7 +305,6 @@ def run_continuous(
                 measure = measure or measure_in_process(results_dir, threads, config.file)
                 stored = runs_per_cell(comparable(), successful=False)
                 for index, job in enumerate(jobs):
-                    observer.job_started(index, job)
                     outcome = measure(job, folder / f"{job.cell.config_hash()}.yaml", checked_out[job.revision.commit])
                     stored = _check_stored(outcome, stored, runs_per_cell(comparable(), successful=False))
                     measured.append(outcome)

@@ -53,6 +53,8 @@ def continuous_command(
             )
         except MeasurementError as error:
             fail(str(error), code=1)
+        except KeyboardInterrupt:
+            fail("interrupted; the records stored so far are kept: run the same command again to resume", code=130)
     present(result.comparison, output)
 
 
@@ -63,9 +65,6 @@ class _ProgressLines:
         self.total = len(jobs)
         stored = f", {skipped} already stored" if skipped else ""
         err_console.print(f"{len(jobs)} processes to run{stored}", highlight=False)
-
-    def job_started(self, index: int, job: Job) -> None:
-        pass
 
     def job_finished(self, index: int, outcome: JobOutcome) -> None:
         job = outcome.job
