@@ -44,6 +44,7 @@ from drbench.compare import Comparison, compare
 from drbench.config import Config
 from drbench.environment import machine_id, run_git
 from drbench.measure.timing import fixed_threads
+from drbench.record import is_commit
 from drbench.results import read_records
 from drbench.runner import plan
 from drbench.safe_yaml import load_yaml
@@ -134,7 +135,7 @@ Measure = Callable[[Job, Path, Path], JobOutcome]
 def resolve_revision(spec: str, repo: str | Path) -> Revision:
     """``spec`` (a commit, branch, tag or ``HEAD~1``) as git resolves it in ``repo``; ContinuousError otherwise."""
     commit = commit_of(spec, repo)
-    if commit is None:
+    if commit is None or not is_commit(commit):
         raise ContinuousError(f"{spec!r} is not a commit of the git repository {repo}")
     return Revision(spec, commit)
 
@@ -281,6 +282,9 @@ def run_continuous(
     observer = observer or _SilentObserver()
     root = repository_root(repo if repo is not None else Path.cwd())
     revisions = [resolve_revision(spec, root) for spec in (baseline, current)]
+    if revisions[0].commit == revisions[1].commit:
+        raise ContinuousError(f"{baseline} and {current} are the same commit ({revisions[0].commit[:7]}): its records "
+                              "would be both sides; measure its noise with drbench run twice and drbench compare")
     cells = [planned.cell for planned in plan(suite, config, device=device, only=only, force=True)]
     if not cells:
         raise ContinuousError(f"--only {only}: no cell of suite {suite.name} matches")

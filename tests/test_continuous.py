@@ -204,6 +204,7 @@ def test_a_process_that_stores_nothing_is_an_error_quoting_its_output(project):
     (["HEAD~1", "HEAD", "--only", "op=local"], "no cell of suite tiny matches"),
     (["HEAD~1", "HEAD", "--only", "colour=red"], "unknown key 'colour'"),
     (["HEAD~1", "HEAD", "--rounds", "0"], "--rounds"),
+    (["HEAD", "HEAD~0"], "are the same commit"),
     (["HEAD~1", "HEAD", "--threshold", "200"], "--threshold"),
 ])
 def test_usage_errors_exit_2_before_anything_is_measured(project, arguments, message):
