@@ -113,7 +113,8 @@ def test_a_cell_becomes_a_suite_of_its_own_that_reads_back_as_the_same_cell():
 
 def test_each_process_imports_the_worktree_first_and_measures_what_it_is_told():
     environment = worktree_environment(Path("/wt/abc"), {"PYTHONPATH": "/elsewhere", "HOME": "/home/me"})
-    assert environment["PYTHONPATH"].split(os.pathsep) == ["/wt/abc", "/elsewhere"] and environment["HOME"] == "/home/me"
+    assert environment["PYTHONPATH"].split(os.pathsep) == ["/wt/abc", "/elsewhere"]
+    assert environment["HOME"] == "/home/me"
     assert worktree_environment(Path("/wt/abc"), {})["PYTHONPATH"] == "/wt/abc"
     command = run_command(Path("/s/cell.yaml"), Path("/r"), 2, "cpu", None)
     # -P: the current directory (a checkout of drbench itself) must not come before the worktree on sys.path

@@ -7,8 +7,9 @@ how to show them.
 - A *sample* is the time of one call, in seconds: a timed block of ``n`` calls gives one sample of
   ``block_time / n``. Calls shorter than ``min_block_s`` are grouped so that clock resolution and launch overhead
   do not dominate; a model's forward pass is usually long enough to be one call per block.
-- After ``warmup`` untimed calls, and at least :data:`MIN_WARMUP_S` of them, blocks are timed until at least ``min_blocks`` samples exist and either
-  IQR/median is at most ``target_rel_iqr`` or the time spent in timed blocks reaches ``budget_s``.
+- After ``warmup`` untimed calls, and at least :data:`MIN_WARMUP_S` of them, blocks are timed until at least
+  ``min_blocks`` samples exist and either IQR/median is at most ``target_rel_iqr`` or the time spent in timed
+  blocks reaches ``budget_s``.
 - A measurement whose IQR/median exceeds 10% is flagged ``noisy`` (torch.utils.benchmark's threshold).
 - On CUDA, blocks are timed with CUDA events after a synchronisation: kernel launches are asynchronous, and a
   wall clock around them measures the launch, not the work.
@@ -21,7 +22,8 @@ how to show them.
   moment divided out. That is what lets two runs minutes apart on a shared machine be compared
   (:mod:`drbench.compare`). The reference always runs on one thread, and each of its blocks follows a few
   milliseconds of untimed calls (:data:`REFERENCE_SETTLE_S`), so that neither the cell's thread count nor what the
-  cell left behind (caches, a spinning thread pool) moves it: a change of the cell's thread count shows. (Measured under load: dividing each sample by its own round's reference flagged none of 15 same-commit rows;
+  cell left behind (caches, a spinning thread pool) moves it: a change of the cell's thread count shows.
+  (Measured under load: dividing each sample by its own round's reference flagged none of 15 same-commit rows;
   dividing by the run's reference median, which leaves the drift within a run in, flagged one.)
 
 >>> import torch
