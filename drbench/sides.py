@@ -96,7 +96,7 @@ def _commit_side(spec: str, results_dir: Path, repo: str | Path | None) -> Side:
                            "(where commits are looked up) does not exist")
     records = read_records(results_dir)
     stored = {r.get("env", {}).get("git_commit") for r in records} - {None}
-    commit = _git_commit(spec, repo)
+    commit = commit_of(spec, repo)
     if commit is None:
         prefixed = [c for c in stored if len(spec) >= 4 and c.startswith(spec.lower())]
         commit = prefixed[0] if len(prefixed) == 1 else None
@@ -112,8 +112,9 @@ def _commit_side(spec: str, results_dir: Path, repo: str | Path | None) -> Side:
     return Side(spec, f"commit {commit[:7]}{named} in {results_dir}", kept)
 
 
-def _git_commit(ref: str, repo: str | Path | None) -> str | None:
-    """The full hash git gives ``ref``, or None when git does not know it (or there is no git)."""
+def commit_of(ref: str, repo: str | Path | None = None) -> str | None:
+    """The full hash git gives ``ref`` in ``repo`` (default: drbench's own checkout), or None when git does not
+    know it (or there is no git); ``ref`` is never read as an option."""
     try:
         return run_git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", repo=repo) or None
     except (OSError, subprocess.SubprocessError):

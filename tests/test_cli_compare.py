@@ -161,3 +161,26 @@ def test_threads_1_against_threads_2_is_flagged_from_the_command_line(tmp_path):
     verdicts = {cell["verdict"] for cell in data["cells"]}
     assert verdicts in ({"regressed"}, {"improved"}), data["cells"]
     assert result.returncode == (1 if verdicts == {"regressed"} else 0)
+
+
+@pytest.mark.timing
+def test_the_issues_thread_count_case_is_flagged_and_the_same_configuration_twice_is_not(tmp_path):
+    """Exactly as the issue ran it: ShuffleNetV2 0.5x conv, 224px, batch 8, the default latency settings, `drbench
+    run --threads 2`, then `--threads 1` (twice), then `drbench compare`. One thread is slower on an idle 2-core
+    machine (64.5 -> 102 ms there): a regression; the two one-thread runs are not one."""
+    suite = tmp_path / "threads.yaml"
+    suite.write_text("name: threads\nfixed: {model: shufflenetv2, width: 0.5, op: conv, input_size: 224, "
+                     "batch_size: 8}\nmetrics: [latency]\n")
+    drbench = str(Path(sys.executable).parent / "drbench")
+    for name, threads in (("two", 2), ("one", 1), ("one-again", 1)):
+        subprocess.run([drbench, "run", str(suite), "--results-dir", str(tmp_path / name), "--threads",
+                        str(threads), "--device", "cpu"], check=True, capture_output=True)
+    fewer = subprocess.run([drbench, "compare", str(tmp_path / "two"), str(tmp_path / "one"), "--format", "json"],
+                           capture_output=True, text=True)
+    [row] = json.loads(fewer.stdout)["cells"]
+    assert row["verdict"] == "regressed" and row["rule"].startswith("vs reference"), row
+    assert fewer.returncode == 1
+    same = subprocess.run([drbench, "compare", str(tmp_path / "one"), str(tmp_path / "one-again"), "--format",
+                           "json"], capture_output=True, text=True)
+    [row] = json.loads(same.stdout)["cells"]
+    assert row["verdict"] == "unchanged" and same.returncode == 0, row

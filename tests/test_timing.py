@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import numpy as np
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_short_calls_are_grouped_into_blocks():
     calls = []
     # warm-up call takes 1 ms -> 10 calls per block; each block then reports 10 ms
     m = time_callable(lambda: calls.append(1), timer=ScriptedTimer([0.001] + [0.010] * 10), warmup=1,
-                      min_blocks=3, budget_s=10)
+                      min_blocks=3, budget_s=10, warmup_s=0)
     assert m.calls_per_block == 10
     assert m.samples == pytest.approx((0.001,) * 3)
     assert len(calls) == 1 + 3 * 10
@@ -129,9 +130,63 @@ def test_interleaved_timing_alternates_and_shares_the_budget():
     order = []
     fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
     results = time_interleaved(fns, timer=ScriptedTimer([0.02, 0.02] + [0.02] * 20), warmup=1, min_blocks=4,
-                               budget_s=10)
+                               budget_s=10, warmup_s=0)
     assert order == ["a", "b"] + ["a", "b"] * 4
     assert set(results) == {"a", "b"} and all(len(m.samples) == 4 for m in results.values())
+
+
+class CountingClock:
+    """A clock for time.perf_counter that advances ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_warm_up_lasts_at_least_warmup_s_whatever_the_call_count(monkeypatch):
+    calls = []
+    monkeypatch.setattr(timing.time, "perf_counter", CountingClock(0.001))  # each call "takes" about 1 ms
+    time_callable(lambda: calls.append(1), timer=ScriptedTimer([0.01] * 10), warmup=1, min_blocks=3, budget_s=10,
+                  warmup_s=0.05)
+    # 1 warm-up call would have sized the blocks from a cold call: about 50 ms of calls come first instead
+    assert 20 <= len(calls) - 3 <= 60
+
+
+def test_the_reference_settles_before_each_of_its_blocks_and_the_cell_does_not():
+    order = []
+    fns = {"cell": lambda: order.append("cell"), "reference": lambda: order.append("reference")}
+    timer = ScriptedTimer([0.02] * 30)
+    time_interleaved(fns, timer=timer, warmup=1, min_blocks=3, budget_s=10, warmup_s=0,
+                     settle_s={"reference": 0.002})
+    rounds = order[2:]  # after each callable's calibration call
+    blocks = [(name, len(list(run))) for name, run in itertools.groupby(rounds)]
+    assert [name for name, _ in blocks] == ["cell", "reference"] * 3
+    assert all(count == 1 for name, count in blocks if name == "cell")
+    assert all(count > 1 for name, count in blocks if name == "reference")  # untimed calls, then the timed one
+
+
+@pytest.mark.timing
+def test_the_reference_gives_the_same_figure_beside_a_model_at_either_thread_count():
+    """The issue's case: ShuffleNetV2 0.5x conv, 224px, batch 8, timed beside the reference kernel with two threads,
+    then one (the default 1 s budget). The reference's median stays where it is timed alone, whatever the cell's
+    thread count, so the ratio relative to it is the raw ratio (before, it moved 0.42 -> 0.58 ms with the cell and
+    read 1.15x for a raw 1.58x)."""
+    from drbench.models import create_model
+
+    model, example = create_model("shufflenetv2", width=0.5, op="conv"), torch.randn(8, 3, 224, 224)
+    alone = time_callable(reference_kernel("cpu"), budget_s=0.5)
+    timed = {}
+    for threads in (2, 1):
+        with fixed_threads(threads):
+            timed[threads] = forward_latency(model, example, reference=True, budget_s=1.0)
+    references = {threads: m.reference.median / alone.median for threads, m in timed.items()}
+    assert all(0.9 < ratio < 1.1 for ratio in references.values()), references
+    raw = timed[1].median / timed[2].median
+    relative = np.median(timed[1].relative_samples) / np.median(timed[2].relative_samples)
+    assert relative == pytest.approx(raw, rel=0.1), (raw, relative)
 
 
 def test_real_clock_measures_real_work():

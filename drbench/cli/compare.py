@@ -22,6 +22,9 @@ from drbench.metric_registry import format_value
 from drbench.stats import Verdict
 
 THRESHOLD_OPTION = typer.Option("10%", "--threshold", help="Smallest change that counts: 10% or 0.1.")
+METRIC_OPTION = typer.Option(
+    None, "--metric", help="Comma-separated metrics (latency,latency.train,macs,params,memory,accuracy); "
+    "default: every metric measured.")
 SUITE_OPTION = typer.Option(None, "--suite", help="Only records of this suite.")
 
 _STYLES = {Verdict.REGRESSED: "bold red", Verdict.IMPROVED: "green", Verdict.UNCHANGED: "dim"}
@@ -33,14 +36,22 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
+FORMAT_OPTION = typer.Option(OutputFormat.table, "--format", help="table, markdown or json.")
+
+
 @contextmanager
-def _user_errors() -> Iterator[None]:
+def user_errors() -> Iterator[None]:
     """Bad input -> one line and exit 2; skipped store lines -> warnings on stderr."""
     with store_warnings():
         try:
             yield
         except (ValueError, FileNotFoundError) as error:  # CompareError, SuiteError, ConfigError among them
             fail(str(error))
+
+
+def metric_names(option: Optional[str]) -> list[str] | None:
+    """``--metric a,b`` as names; None (every metric) when not given."""
+    return [name.strip() for name in option.split(",")] if option else None
 
 
 def _results_dir(results_dir: Optional[Path], config_file: Optional[Path]) -> Path:
@@ -55,11 +66,8 @@ def compare_command(
     baseline: str = typer.Argument(..., help="Results file or folder, or a git commit/ref with stored results."),
     current: str = typer.Argument(..., help="Results file or folder, or a git commit/ref with stored results."),
     threshold: str = THRESHOLD_OPTION,
-    metric: Optional[str] = typer.Option(
-        None, "--metric", help="Comma-separated metrics (latency,latency.train,macs,params,memory,accuracy); "
-        "default: every metric measured."
-    ),
-    output: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table, markdown or json."),
+    metric: Optional[str] = METRIC_OPTION,
+    output: OutputFormat = FORMAT_OPTION,
     suite: Optional[str] = SUITE_OPTION,
     results_dir: Optional[Path] = typer.Option(
         None, "--results-dir", help="Store where commits are looked up (default: paths.results_dir)."
@@ -71,11 +79,16 @@ def compare_command(
     Latency counts as changed only beyond the threshold and with Mann-Whitney U p < 0.002 on the raw samples;
     MACs and params on any change; accuracy when the seed means differ by more than twice their pooled spread.
     """
-    with _user_errors():
+    with user_errors():
         comparison = compare_results(
             baseline, current, results_dir=_results_dir(results_dir, config_file), suite=suite,
-            threshold=parse_threshold(threshold), metrics=[m.strip() for m in metric.split(",")] if metric else None,
+            threshold=parse_threshold(threshold), metrics=metric_names(metric),
         )
+    present(comparison, output)
+
+
+def present(comparison: Comparison, output: OutputFormat) -> None:
+    """Print ``comparison`` on stdout in ``output``'s format; exit 1 when anything regressed."""
     if output is OutputFormat.json:
         print(comparison_json(comparison))
     elif output is OutputFormat.markdown:
@@ -123,7 +136,7 @@ def history_command(
     config_file: Optional[Path] = CONFIG_OPTION,
 ) -> None:
     """Plot a metric per cell across commits (in git order), mark the step changes and print them."""
-    with _user_errors():
+    with user_errors():
         history = load_history(results, metric, suite=suite, cell=cell, threshold=parse_threshold(threshold))
         target = out or Path(load_config(config_file).get("paths.reports_dir")) / f"history-{metric}.png"
     _print_history(history)

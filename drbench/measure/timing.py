@@ -7,8 +7,9 @@ how to show them.
 - A *sample* is the time of one call, in seconds: a timed block of ``n`` calls gives one sample of
   ``block_time / n``. Calls shorter than ``min_block_s`` are grouped so that clock resolution and launch overhead
   do not dominate; a model's forward pass is usually long enough to be one call per block.
-- After ``warmup`` untimed calls, blocks are timed until at least ``min_blocks`` samples exist and either
-  IQR/median is at most ``target_rel_iqr`` or the time spent in timed blocks reaches ``budget_s``.
+- After ``warmup`` untimed calls, and at least :data:`MIN_WARMUP_S` of them, blocks are timed until at least
+  ``min_blocks`` samples exist and either IQR/median is at most ``target_rel_iqr`` or the time spent in timed
+  blocks reaches ``budget_s``.
 - A measurement whose IQR/median exceeds 10% is flagged ``noisy`` (torch.utils.benchmark's threshold).
 - On CUDA, blocks are timed with CUDA events after a synchronisation: kernel launches are asynchronous, and a
   wall clock around them measures the launch, not the work.
@@ -19,7 +20,9 @@ how to show them.
   convolution, and keeps the reference's samples beside its own: sample i of each was timed next to the other, so
   ``relative_samples`` (each over the reference's) carry the callable's cost with the machine's speed of the
   moment divided out. That is what lets two runs minutes apart on a shared machine be compared
-  (:mod:`drbench.compare`); a change of the cell's thread count still shows, the reference always using one.
+  (:mod:`drbench.compare`). The reference always runs on one thread, and each of its blocks follows a few
+  milliseconds of untimed calls (:data:`REFERENCE_SETTLE_S`), so that neither the cell's thread count nor what the
+  cell left behind (caches, a spinning thread pool) moves it: a change of the cell's thread count shows.
   (Measured under load: dividing each sample by its own round's reference flagged none of 15 same-commit rows;
   dividing by the run's reference median, which leaves the drift within a run in, flagged one.)
 
@@ -46,6 +49,19 @@ from drbench.stats import NOISY_REL_IQR
 
 MIN_BLOCK_S = 0.01
 """Calls shorter than this are grouped into blocks at least this long."""
+
+MIN_WARMUP_S = 0.1
+"""Warm-up lasts at least this long, however few calls ``warmup`` asks for: a model's first calls run slow for tens
+of milliseconds (the allocator, oneDNN's primitives for new shapes, first touches of the weights). With the quick
+suite's single warm-up call, MobileNetV2 0.35x DRConv's first blocks took 13-15 ms and the rest 8 ms (IQR/median
+10-22%, "noisy"), and the block size was chosen from the cold call."""
+
+REFERENCE_SETTLE_S = 0.01
+"""Untimed reference-kernel calls before each timed reference block. Right after a cell's block the first reference
+call ran 2-3.5x slower than alone (its data evicted from cache by the cell), and after a two-thread cell on a
+machine whose other core was busy, the cell's OpenMP worker, still spinning, took time slices from the reference
+for about 5 ms: a block timed straight after the cell measured the cell's aftermath, which changes with the cell's
+code and thread count, as well as the machine (see :func:`time_with_reference`)."""
 
 
 @dataclass(frozen=True)
@@ -206,9 +222,15 @@ def reference_kernel(device: str | torch.device = "cpu") -> Callable[[], object]
 
 def time_with_reference(fn: Callable[[], object], **options) -> LatencyMeasurement:
     """Time ``fn()`` in turns with :func:`reference_kernel` on the same device (``options`` as
-    :func:`time_interleaved`'s; the budget covers both); the measurement carries the reference's samples."""
+    :func:`time_interleaved`'s; the budget covers both); the measurement carries the reference's samples.
+
+    Each reference block follows :data:`REFERENCE_SETTLE_S` of untimed reference calls, so that it measures the
+    machine of the moment and not the aftermath of the cell's block (caches, the cell's thread pool): one thread,
+    re-warmed, whatever the cell ran before it.
+    """
     reference = reference_kernel(options.get("device", "cpu"))
-    timed = time_interleaved({"fn": fn, "reference": reference}, **options)
+    timed = time_interleaved({"fn": fn, "reference": reference}, settle_s={"reference": REFERENCE_SETTLE_S},
+                             **options)
     return replace(timed["fn"], reference=replace(timed["reference"], batch_size=1))
 
 
@@ -222,10 +244,14 @@ def time_interleaved(
     target_rel_iqr: float = 0.05,
     batch_size: int = 1,
     timer: BlockTimer | None = None,
+    warmup_s: float = MIN_WARMUP_S,
+    settle_s: Mapping[str, float] | None = None,
 ) -> dict[str, LatencyMeasurement]:
     """Time several callables in turns, one block each per round, until all are steady or the budget is spent.
 
-    The budget is shared: it bounds the total time spent in timed blocks of all callables together.
+    The budget is shared: it bounds the total time spent in timed blocks of all callables together. Each callable
+    warms up for ``warmup`` calls and at least ``warmup_s`` seconds; ``settle_s`` maps a callable's name to the
+    seconds of untimed calls of it before each of its blocks (not counted in the budget).
     ``batch_size`` is the images per call (for throughput); ``timer`` replaces the device's clock (tests).
     """
     if not fns:
@@ -233,11 +259,13 @@ def time_interleaved(
     if min_blocks < 2:
         raise ValueError(f"min_blocks must be at least 2 to judge the spread, got {min_blocks}")
     timer = timer or block_timer_for(device)
-    calls = {name: _calls_per_block(fn, timer, warmup) for name, fn in fns.items()}
+    calls = {name: _calls_per_block(fn, timer, warmup, warmup_s) for name, fn in fns.items()}
+    settle = settle_s or {}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     spent = 0.0
     while True:
         for name, fn in fns.items():
+            _call_for(fn, settle.get(name, 0.0))
             block = _time_block(fn, calls[name], timer)
             spent += block
             samples[name].append(block / calls[name])
@@ -263,12 +291,21 @@ def paired_ratio(candidate: LatencyMeasurement, baseline: LatencyMeasurement) ->
     return _quantile([c / b for c, b in zip(candidate.samples, baseline.samples)], 0.5)
 
 
-def _calls_per_block(fn: Callable[[], object], timer: BlockTimer, warmup: int) -> int:
-    """Run the warm-up calls; from the last one's duration choose how many calls make a block of MIN_BLOCK_S."""
+def _calls_per_block(fn: Callable[[], object], timer: BlockTimer, warmup: int, warmup_s: float) -> int:
+    """Run the warm-up calls (``warmup``, and for at least ``warmup_s``); from the last one's duration choose how
+    many calls make a block of MIN_BLOCK_S."""
     for _ in range(max(warmup - 1, 0)):
         fn()
+    _call_for(fn, warmup_s)
     one_call = _time_block(fn, 1, timer)
     return max(1, math.ceil(MIN_BLOCK_S / one_call)) if one_call > 0 else 1
+
+
+def _call_for(fn: Callable[[], object], seconds: float) -> None:
+    """Call ``fn`` untimed until ``seconds`` have passed (not at all for 0)."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        fn()
 
 
 def _time_block(fn: Callable[[], object], calls: int, timer: BlockTimer) -> float:

@@ -4,7 +4,9 @@
   over standard convolution against the model's size (MACs of its standard-conv version), one line per model
   family. The gain is top-1 points where accuracy was measured; otherwise the latency ratio and the MACs overhead,
   and the title says so.
-- ``pareto``: top-1 (or, without accuracy, latency) against MACs for every measured cell, the Pareto front marked.
+- ``pareto``: top-1 (or, without accuracy, latency) against MACs for every measured cell, the Pareto front marked;
+  the front leaves out (and crosses) what the report marks as a smoke test or noise: top-1 from a single seed or
+  at chance, noisy latency (:func:`front_eligible`).
 - ``vs_regions`` (two region counts or more) and ``vs_input_size`` (two input sizes or more): MACs, params and
   latency against the axis; an operator without that axis (conv has no regions) is a dashed level line.
 
@@ -35,6 +37,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from drbench.report.cells import BASELINE_OP, format_setting, hashable_value, is_missing
 from drbench.report.tables import POINTS, QUANTITIES, RATIO, agrees, comparison_table, row_keys
+from drbench.stats import NOISY_REL_IQR
 
 PNG_DPI = 150
 STYLE = {"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7}
@@ -149,12 +152,19 @@ def pareto(cells: pd.DataFrame, config_keys: Sequence[str]) -> Plot | None:
         ax.errorbar(group["macs_m"], group[y_column], yerr=err, color=_colour(op), linestyle="none",
                     marker=MARKERS[models.index(model) % len(MARKERS)], markersize=5, capsize=2,
                     label=f"{model} {op}")
-    front = pareto_front(points["macs_m"].to_numpy(), points[y_column].to_numpy(), higher_is_better=with_accuracy)
-    front_points = points.iloc[front].sort_values("macs_m")
-    ax.plot(front_points["macs_m"], front_points[y_column], drawstyle="steps-post", color="black", linewidth=0.9,
-            linestyle="--", label="Pareto front")
-    ax.scatter(front_points["macs_m"], front_points[y_column], s=90, facecolors="none", edgecolors="black",
-               linewidths=0.9)
+    conclusive = points[front_eligible(points, with_accuracy)]
+    if len(conclusive) >= 2:
+        front = pareto_front(conclusive["macs_m"].to_numpy(), conclusive[y_column].to_numpy(),
+                             higher_is_better=with_accuracy)
+        front_points = conclusive.iloc[front].sort_values("macs_m")
+        ax.plot(front_points["macs_m"], front_points[y_column], drawstyle="steps-post", color="black",
+                linewidth=0.9, linestyle="--", label="Pareto front")
+        ax.scatter(front_points["macs_m"], front_points[y_column], s=90, facecolors="none", edgecolors="black",
+                   linewidths=0.9)
+    left_out = points.drop(conclusive.index)
+    if not left_out.empty:
+        ax.scatter(left_out["macs_m"], left_out[y_column], s=60, marker="x", color="#888888", linewidths=0.9,
+                   label="left out of the front")
     _log_scale(ax, "x", points["macs_m"])
     ax.set_xlabel("MACs (M, log scale)")
     if with_accuracy:
@@ -164,12 +174,34 @@ def pareto(cells: pd.DataFrame, config_keys: Sequence[str]) -> Plot | None:
         _log_scale(ax, "y", points["latency_ms"])
         ax.set_ylabel("latency, median (ms, log scale)")
         title = "No accuracy measured: latency vs MACs"
+    if len(conclusive) < 2:
+        title += " (no Pareto front: see the crossed cells)"
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     caption = (f"Every measured cell; circled: the Pareto front ({'higher top-1' if with_accuracy else 'lower latency'}"
                " at lower MACs). Error bars: " + ("std over seeds." if with_accuracy else "latency quartiles."))
+    if not left_out.empty:
+        why = ("a single seed (spread unknown) or top-1 at or below chance" if with_accuracy
+               else f"noisy latency (IQR/median above {NOISY_REL_IQR:.0%})")
+        caption += (f" Crossed: {len(left_out)} of {len(points)} cells with {why}, which the front does not use"
+                    + ("; too few cells remain for a front." if len(conclusive) < 2 else "."))
     return Plot("pareto", title, caption, figure)
+
+
+def front_eligible(points: pd.DataFrame, with_accuracy: bool) -> pd.Series:
+    """Which cells a Pareto front may go through: not those the report marks as a smoke test or as noise, i.e.
+    accuracy from a single seed (its spread is unknown) or at or below chance (100 / classes), or noisy latency.
+
+    >>> cells = pd.DataFrame({"top1": [9.0, 40.0, 45.0], "top1_seeds": [3, 1, 3], "num_classes": [10, 10, None]})
+    >>> front_eligible(cells, with_accuracy=True).tolist()
+    [False, False, True]
+    """
+    if not with_accuracy:
+        return ~(points["latency_rel_iqr"] > NOISY_REL_IQR)
+    chance = 100.0 / pd.to_numeric(points.get("num_classes", pd.Series(np.nan, index=points.index)), errors="coerce")
+    seeds = pd.to_numeric(points.get("top1_seeds", pd.Series(1, index=points.index)), errors="coerce")
+    return (seeds >= 2) & ~(points["top1"] <= chance)
 
 
 def sweep(cells: pd.DataFrame, config_keys: Sequence[str], axis: str) -> Plot | None:
