@@ -18,6 +18,7 @@ from drbench.config import ConfigError, load_config
 from drbench.data import DatasetError, get_dataset, get_dataset_spec, list_datasets
 from drbench.masks import checkpoint_masks, render_masks
 from drbench.measure.accuracy import TrainProgress, TrainRecipe, model_config_for, train
+from drbench.measure.stability import StabilityTrace, summarize_trace
 from drbench.measure.timing import fixed_threads
 from drbench.models import create_model
 from drbench.runner import resolve_device
@@ -73,6 +74,11 @@ def train_command(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: run.device)."),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (default 0: torch's, all cores)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save the trained model here (.pt)."),
+    trace: Optional[Path] = typer.Option(
+        None, "--trace", help="Write per-step stability instruments here (JSON lines): update-to-weight ratios, "
+        "output change and region-mask churn on a fixed probe batch (drbench.measure.stability).",
+    ),
+    trace_every: int = typer.Option(1, "--trace-every", min=1, help="Trace one optimiser step in this many."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
 ) -> None:
     """Train MODEL with --op on a data set with drbench's short-schedule recipe; report held-out top-1/top-5."""
@@ -97,11 +103,16 @@ def train_command(
     except (ConfigError, DatasetError, ValueError, TypeError) as error:
         fail(str(error))
 
+    stability = None
+    if trace is not None:
+        stability = StabilityTrace.on_dataset(train_set, chosen_device, every=trace_every)
     # unlike a latency cell, training is not timed against other cells: it may use every core
     with fixed_threads(threads), _EpochBars() as bars:
         trained = train(lambda: create_model(**model_config), train_set, test_set, recipe, seed=seed,
-                        device=chosen_device, progress=bars)
+                        device=chosen_device, progress=bars, trace=stability)
     result = trained.result
+    if stability is not None:
+        _write_trace(trace, stability)
     if checkpoint is not None:
         Checkpoint(model_config, trained.model.state_dict(), trained.normalization, source, result.to_dict()).save(
             checkpoint
@@ -119,6 +130,17 @@ def train_command(
     if result.status == "diverged":
         epoch = result.diverged_at_epoch
         err_console.print(f"[yellow]warning:[/] training diverged (non-finite loss in epoch {epoch})")
+
+
+def _write_trace(path: Path, stability: StabilityTrace) -> None:
+    """The trace as JSON lines, then its summary on stderr (stdout stays free for --json)."""
+    try:
+        path.write_text(stability.to_jsonl(), encoding="utf-8")
+    except OSError as error:
+        fail(f"cannot write the trace {path}: {error}")
+    summary = summarize_trace(stability.steps)
+    err_console.print(f"stability trace ({len(stability.steps)} steps) written to {escape(str(path))}: "
+                      f"{escape(json.dumps(summary))}")
 
 
 def _print_result(summary: dict[str, Any]) -> None:

@@ -43,6 +43,7 @@ from drbench.metric_registry import Quantity, RunContext, register_metric, seed_
 from drbench.stats import decide_seeds
 
 if TYPE_CHECKING:
+    from drbench.measure.stability import StabilityTrace
     from drbench.suite import Cell
 
 SMALL_INPUT_BELOW = 64
@@ -171,11 +172,13 @@ def train(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Callable[[TrainProgress], None] | None = None,
+    trace: StabilityTrace | None = None,
 ) -> Trained:
     """Build a model with ``build_model()`` (under ``torch.manual_seed(seed)``), train it, evaluate it.
 
     A loss that becomes NaN or infinite ends training and is reported as ``status="diverged"``, not raised.
-    The caller's global RNG state is left as it was.
+    The caller's global RNG state is left as it was. ``trace`` (:mod:`drbench.measure.stability`) watches every
+    optimiser step; it reads the loss each step it traces, which stalls a GPU.
     """
     _check_compatible(train_set, test_set)
     device = torch.device(device)
@@ -189,6 +192,8 @@ def train(
 
     with _seeded(seed, device):
         model = precision.prepare(build_model().to(device))
+        if trace is not None:
+            trace.start(model)
         optimizer = torch.optim.SGD(
             parameter_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum,
             nesterov=recipe.nesterov,
@@ -217,10 +222,14 @@ def train(
                     loss = criterion(model(inputs), labels)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if trace is not None:
+                    trace.before_update(model)
                 scaler.step(optimizer)
                 scaler.update()
                 epoch_loss += loss.detach().float()
                 steps += 1
+                if trace is not None:
+                    trace.after_update(model, steps, float(loss), optimizer.param_groups[0]["lr"])
                 out_of_time = recipe.time_budget_s is not None and elapsed >= recipe.time_budget_s
                 last = step == steps_per_epoch - 1 or out_of_time
                 # the loss is read once per epoch: reading it every step would stall a GPU
