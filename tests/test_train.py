@@ -294,3 +294,17 @@ def test_list_datasets():
     assert result.exit_code == 0
     for name in ("synthetic", "cifar10", "cifar100", "imagefolder", "digits"):
         assert name in result.output
+
+
+def test_train_takes_any_operator_option_as_key_value_pairs(tmp_path):
+    checkpoint = tmp_path / "independent.pt"
+    result = runner.invoke(app, ["train", "shufflenetv2", *TINY_RUN, "--op", "drconv", "--regions", "4", "--option",
+                                 "init=independent", "--option", "guide_bias=true", "--json",
+                                 "--checkpoint", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["model"]
+    assert model["init"] == "independent" and model["guide_bias"] is True
+    for pair, message in [("init", "expected KEY=VALUE"), ("init=zeros", "init must be one of"),
+                          ("shape=[1, 2]", "plain value")]:
+        refused = runner.invoke(app, ["train", "shufflenetv2", "--op", "drconv", "--option", pair])
+        assert refused.exit_code == 2 and message in refused.output, (pair, refused.output)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 
 from drbench.cli.app import fail
 from drbench.config import Config, ConfigError, load_config
@@ -52,11 +53,29 @@ OPTION_OWNERS = {"regions": "drconv", "experts": "condconv"}
 """Operator options that have their own flag, and the operator each belongs to."""
 
 
-def op_options(op: str, **given: Optional[int]) -> dict[str, int]:
-    """The operator options given on the command line; a flag of another operator, or a value beyond what a suite
-    may ask for (:data:`drbench.suite.MAX_OPTION_VALUE`), is an error."""
-    options = {name: value for name, value in given.items() if value is not None}
+OPTION_FLAG = "--option"
+
+
+def op_options(op: str, pairs: Optional[list[str]] = None, **given: Optional[int]) -> dict[str, Any]:
+    """The operator options given on the command line: the dedicated flags (``regions``, ``experts``) and
+    ``--option KEY=VALUE`` pairs (``init=independent``, ``guide_bias=true``; the value read as a YAML scalar). A
+    flag of another operator, a malformed pair, or a size beyond what a suite may ask for
+    (:data:`drbench.suite.MAX_OPTION_VALUE`) is an error; an option the operator does not take fails when the model
+    is built.
+
+    >>> op_options("drconv", ["init=independent", "guide_bias=true"], regions=4)
+    {'regions': 4, 'init': 'independent', 'guide_bias': True}
+    """
+    options: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    for pair in pairs or []:
+        key, equals, text = pair.partition("=")
+        value = yaml.safe_load(text) if equals and key.isidentifier() else None
+        if not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"{OPTION_FLAG} {pair!r}: expected KEY=VALUE with a plain value, e.g. init=independent")
+        options[key] = value
     for name, value in options.items():
+        if name not in OPTION_OWNERS:
+            continue
         if OPTION_OWNERS[name] != op:
             raise ValueError(f"--{name} applies to --op {OPTION_OWNERS[name]}, not --op {op}")
         if value > MAX_OPTION_VALUE:

@@ -57,6 +57,10 @@ def train_command(
     op: str = typer.Option("conv", "--op", help="Operator at the placement's convolutions (see: drbench list ops)."),
     regions: Optional[int] = typer.Option(None, "--regions", help="DRConv regions m (drconv's default: 8)."),
     experts: Optional[int] = typer.Option(None, "--experts", help="CondConv experts (condconv's default: 8)."),
+    option: Optional[list[str]] = typer.Option(
+        None, "--option", help="Any other operator option as KEY=VALUE, repeatable: init=independent, "
+        "guide_bias=true, generator=static (see: drbench list ops).",
+    ),
     placement: str = typer.Option("default", "--placement", help="Which convolutions become --op."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set (default: data.dataset, 'synthetic')."),
     data: Optional[Path] = typer.Option(
@@ -96,7 +100,7 @@ def train_command(
         test_set = get_dataset(split="test", limit=test_images, **source)
         model_config = model_config_for(
             model, train_set, width=width, op=op, placement=placement,
-            **op_options(op, regions=regions, experts=experts),
+            **op_options(op, option, regions=regions, experts=experts),
         )
         create_model(**model_config)  # a wrong model, width or option fails here, before any training
         chosen_device = resolve_device(config.get("run.device"))
