@@ -229,7 +229,7 @@ def train(
                 epoch_loss += loss.detach().float()
                 steps += 1
                 if trace is not None:
-                    trace.after_update(model, steps, float(loss), optimizer.param_groups[0]["lr"])
+                    trace.after_update(model, steps, float(loss.detach()), optimizer.param_groups[0]["lr"])
                 out_of_time = recipe.time_budget_s is not None and elapsed >= recipe.time_budget_s
                 last = step == steps_per_epoch - 1 or out_of_time
                 # the loss is read once per epoch: reading it every step would stall a GPU
