@@ -80,6 +80,18 @@ def test_training_with_a_trace_records_every_step_and_a_summary():
     assert set(summary["mask_churn"]) == {"first", "middle", "last"} and "guide" in summary["peak_update_ratio"]
 
 
+def test_a_traced_run_trains_exactly_as_an_untraced_one():
+    """The probe must not change training: a model with dropout (MobileNetV2) ends with the same weights."""
+    train_set = get_dataset("synthetic", split="train", num_images=32)
+    test_set = get_dataset("synthetic", split="test", num_images=16)
+    config = model_config_for("mobilenetv2", train_set, width=0.25, op="drconv", regions=2)
+    runs = [train(lambda: create_model(**config), train_set, test_set, TrainRecipe(epochs=1, batch_size=16),
+                  trace=trace) for trace in (None, StabilityTrace.on_dataset(train_set, images=4))]
+    plain, traced = (run.model.state_dict() for run in runs)
+    assert all(torch.equal(plain[name], traced[name]) for name in plain)
+    assert runs[0].result.train_loss == runs[1].result.train_loss
+
+
 def test_drbench_train_trace_writes_one_line_per_step(tmp_path):
     from typer.testing import CliRunner
 

@@ -157,16 +157,24 @@ class StabilityTrace:
     @torch.no_grad()
     def _run_probe(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """Each traced layer's output and region mask on the probe, in training mode (the statistics training
-        sees), BatchNorm's running statistics left as they were."""
+        sees) but without dropout, leaving training exactly as it would be untraced: BatchNorm's running statistics
+        and the random number generators are as they were (a dropout draw would change every later batch's)."""
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
         saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
                  for m in norms]
         for m in norms:
             m.momentum = 0.0
+        for m in dropouts:
+            m.eval()
+        devices = [self.probe.device] if self.probe.device.type == "cuda" else []
         try:
             self._outputs.clear()
-            model(self.probe)
+            with torch.random.fork_rng(devices=devices):
+                model(self.probe)
         finally:
+            for m in dropouts:
+                m.train()
             for m, (momentum, tracked) in zip(norms, saved):
                 m.momentum = momentum
                 if tracked is not None:
