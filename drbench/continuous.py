@@ -20,7 +20,8 @@ so that both measure the same cells whatever their own ``suites/`` hold.
 Resume: a cell of a commit with ``k`` successful records on this machine at this thread count (clean checkout)
 is measured in rounds ``k + 1 ... rounds`` only, whatever metric settings those records were measured with (a
 commit may resolve the suite's defaults its own way, so they are not compared); a second call with the same
-arguments measures nothing and prints the comparison again. In Python (``drbench continuous HEAD~1 HEAD --suite quick --only op=conv``)::
+arguments measures nothing and prints the comparison again. In Python (``drbench continuous HEAD~1 HEAD --suite
+quick --only op=conv``)::
 
     result = run_continuous("HEAD~1", "HEAD", load_suite("suites/quick.yaml"), load_config(), only="op=conv")
     result.comparison.regressed      # the regressed rows; len(result.measured): the processes this call ran
