@@ -28,6 +28,7 @@ def record(
     macs: int | None = None,
     params: int | None = None,
     latency: Sequence[float] | None = None,
+    reference: Sequence[float] | None = None,
     memory: int | None = None,
     top1: Sequence[float | None] | None = None,
     input_size: int | list[int] = 32,
@@ -39,7 +40,8 @@ def record(
     suite: str = "handmade",
     **options: Any,
 ) -> dict:
-    """One record; ``latency`` are raw per-call samples in seconds, ``top1`` the per-seed accuracies (%, None for
+    """One record; ``latency`` are raw per-call samples in seconds (``reference``: the reference kernel's, timed in
+    turns with them), ``top1`` the per-seed accuracies (%, None for
     a seed whose training diverged)."""
     config = {"model": model, "width": width, "op": op, "input_size": input_size, "placement": "default",
               "small_input": True, "num_classes": 10, "batch_size": 1, "dtype": "float32", "device": "cpu",
@@ -50,8 +52,9 @@ def record(
     if params is not None:
         metrics["params"] = {"value": params}
     if latency is not None:
+        beside = None if reference is None else LatencyMeasurement(tuple(reference), 1, 1, 1, 1, "cpu")
         measured = LatencyMeasurement(tuple(latency), batch_size=1, warmup=1, calls_per_block=1, threads=2,
-                                      device="cpu")
+                                      device="cpu", reference=beside)
         metrics["latency"] = {"value": measured.median, **measured.to_dict()}
     if memory is not None:
         metrics["memory"] = {"value": memory, "peak_bytes": memory, "device": "cpu", "method": "test"}

@@ -64,6 +64,18 @@ def test_header_and_warnings_name_what_a_reader_must_know(sweep_report):
     assert not any("mix" in m for m in messages)
 
 
+def test_a_noisy_cell_whose_reference_was_as_noisy_is_blamed_on_the_machine(tmp_path):
+    steady_reference, noisy_reference = [1e-4] * 5, [1e-4, 1.3e-4, 1e-4, 1.3e-4, 1e-4]
+    noisy_samples = [0.010, 0.013, 0.010, 0.013, 0.010]
+    for reference, blamed in ((noisy_reference, True), (steady_reference, False)):
+        write_store(tmp_path / str(blamed), [record(op="conv", latency=noisy_samples, reference=reference)])
+        notice = next(n for n in build_report([tmp_path / str(blamed)], tmp_path / f"r{blamed}").notices
+                      if n.message.startswith("Noisy latency"))
+        assert ("so the machine was" in notice.message) is blamed
+        beside = "30%" if blamed else "0%"
+        assert notice.details == (f"shufflenetv2 0.5x conv: IQR/median 30% (reference kernel beside it: {beside})",)
+
+
 def test_mixed_commits_and_machines_and_dirty_trees_are_flagged(tmp_path):
     write_store(tmp_path / "store", [
         record(op="conv", macs=1, commit="a" * 40, machine="left"),

@@ -9,6 +9,8 @@ was not measured)::
     latency_ms                    median forward latency, ms
     latency_q1_ms, latency_q3_ms  its quartiles (from the raw samples), latency_iqr_ms = q3 - q1
     latency_rel_iqr               IQR / median; above NOISY_REL_IQR the cell is noisy
+    reference_rel_iqr             IQR / median of the reference kernel timed in turns with the forward: the
+                                  machine's own noise while the cell was measured
     throughput                    images per second at the median latency
     train_step_ms, train_step_iqr_ms  median and IQR of a training step (forward, backward, optimiser), ms
     memory_mib                    peak forward memory beyond parameters and input, MiB
@@ -122,6 +124,7 @@ def derived_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
                zip(_numeric(frame, "latency"), _values_of(frame, "latency.samples"), _numeric(frame, "latency.iqr_s"))]
     latency, q1, q3 = _timing_ms(forward, frame.index)
     train, train_q1, train_q3 = _timing_ms(_values_of(frame, "latency.train"), frame.index)
+    reference, reference_q1, reference_q3 = _timing_ms(_values_of(frame, "latency.reference"), frame.index)
     top1, top1_std, seeds, by_seed = _accuracy(frame)
     return {
         "macs_m": _numeric(frame, "macs") / 1e6,
@@ -131,6 +134,7 @@ def derived_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
         "latency_q3_ms": q3,
         "latency_iqr_ms": q3 - q1,
         "latency_rel_iqr": (q3 - q1) / latency,
+        "reference_rel_iqr": (reference_q3 - reference_q1) / reference,
         "throughput": _numeric(frame, "latency.throughput"),
         "train_step_ms": train,
         "train_step_iqr_ms": train_q3 - train_q1,

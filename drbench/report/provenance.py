@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -93,10 +94,14 @@ def report_warnings(results: Results) -> list[Notice]:
                               "does not reproduce them."))
     if noisy := noisy_cells(results):
         measured = int(cells["latency_ms"].notna().sum())
+        machine = all(cell.machine_noisy for cell in noisy)
         notices.append(Notice(
             f"Noisy latency (IQR/median above {NOISY_REL_IQR:.0%}, marked * in the tables) in {len(noisy)} of "
-            f"{_count(measured, 'cell')}:",
-            tuple(f"{label}: IQR/median {spread:.0%}" for label, spread in noisy)))
+            f"{_count(measured, 'cell')}"
+            + (": the reference kernel timed in turns with each was as noisy, so the machine was (other load, a "
+               "virtual machine's neighbours), not the operator; measure again on a quieter machine or with a "
+               "larger timing budget:" if machine else ":"),
+            tuple(map(str, noisy))))
     if failed := failed_cells(results):
         notices.append(Notice(f"{_count(len(failed), 'cell')} failed; missing from the tables and plots:",
                               tuple(f"{label}: {error}" for label, error in failed)))
@@ -106,11 +111,35 @@ def report_warnings(results: Results) -> list[Notice]:
     return notices
 
 
-def noisy_cells(results: Results) -> list[tuple[str, float]]:
-    """(label, IQR/median) of each cell whose forward latency is noisy."""
+@dataclass(frozen=True)
+class NoisyCell:
+    """A cell whose forward latency is noisy, and the spread of the reference kernel timed in turns with it."""
+
+    label: str
+    rel_iqr: float
+    reference_rel_iqr: float
+
+    @property
+    def machine_noisy(self) -> bool:
+        """The reference was noisy too: the machine's speed moved while the cell was timed."""
+        return self.reference_rel_iqr > NOISY_REL_IQR
+
+    def __str__(self) -> str:
+        """
+        >>> print(NoisyCell("conv", 0.15, 0.2))
+        conv: IQR/median 15% (reference kernel beside it: 20%)
+        """
+        beside = "" if math.isnan(self.reference_rel_iqr) else \
+            f" (reference kernel beside it: {self.reference_rel_iqr:.0%})"
+        return f"{self.label}: IQR/median {self.rel_iqr:.0%}{beside}"
+
+
+def noisy_cells(results: Results) -> list[NoisyCell]:
+    """Each cell whose forward latency is noisy, with its reference's spread (NaN where none was timed)."""
     cells = results.cells
     noisy = cells[cells["latency_rel_iqr"] > NOISY_REL_IQR]
-    return [(results.label(cell), float(cell["latency_rel_iqr"])) for _, cell in noisy.iterrows()]
+    return [NoisyCell(results.label(cell), float(cell["latency_rel_iqr"]), float(cell["reference_rel_iqr"]))
+            for _, cell in noisy.iterrows()]
 
 
 def diverged_runs(results: Results) -> list[tuple[str, int]]:
