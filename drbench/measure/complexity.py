@@ -48,9 +48,9 @@ NOT_COUNTED_OPS = (
     # pooling and averaging
     "aten::max_pool2d", "aten::avg_pool2d", "aten::adaptive_avg_pool2d", "aten::mean",
     # element-wise arithmetic (residual and bias additions) and scalar shape arithmetic under tracing
-    "aten::add", "aten::add_", "aten::mul",
-    # data movement and selection
-    "aten::im2col", "aten::argmax", "aten::pad", "aten::constant_pad_nd",
+    "aten::add", "aten::add_", "aten::mul", "aten::sub", "aten::floor_divide",
+    # data movement and selection (a unit's shared DRConv guide resized by nearest neighbour)
+    "aten::im2col", "aten::argmax", "aten::pad", "aten::constant_pad_nd", "aten::upsample_nearest2d",
 )
 """Operators that the published convention does not count: :func:`not_counted` is their handle.
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 from drbench.ops import create_conv
+from drbench.ops.drconv import DEFAULT_REGIONS, SharedGuide
 from drbench.ops.functional import conv_output_size
 
 
@@ -110,6 +111,26 @@ def build_conv(op: str, site: ConvSite, *, padding, dilation=1, bias: bool = Fal
         raise ValueError(f"{context}cannot put {op!r} on {site.describe()}: {error}") from None
 
 
+class UnitGuide:
+    """What :meth:`LayerBuilder.unit_guide` yields: the unit's shared guide, made when its first layer asks."""
+
+    def __init__(self, in_channels: int) -> None:
+        self.in_channels = in_channels
+        self.guide: SharedGuide | None = None
+
+    def shared(self, op_options: dict) -> SharedGuide:
+        """The unit's guide, made for the regions and guide bias of ``op_options`` on first use."""
+        if self.guide is None:
+            self.guide = SharedGuide(self.in_channels, op_options.get("regions", DEFAULT_REGIONS),
+                                     op_options.get("guide_bias", False))
+        return self.guide
+
+    @staticmethod
+    def applied(guide: SharedGuide | None, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """In a unit's forward: ``guide`` computed on the unit's input ``x`` for the block (nothing without one)."""
+        return contextlib.nullcontext() if guide is None else guide.over(x)
+
+
 class GlobalAvgPool(nn.Module):
     """(B, C, H, W) -> (B, C): the mean over all positions."""
 
@@ -149,6 +170,7 @@ class LayerBuilder:
         self.op, self.placement, self.context, self.op_kwargs = op, placement, context, op_kwargs
         self.size = tuple(input_size)
         self.sites: list[ConvSite] = []
+        self._unit: UnitGuide | None = None
 
     @classmethod
     def standard(cls, input_size: tuple[int, int] = (224, 224)) -> "LayerBuilder":
@@ -184,13 +206,10 @@ class LayerBuilder:
         )
         self.sites.append(site)
         selected = self.placement.selects(site)
-        layer = build_conv(
-            self.op if selected else "conv",
-            site,
-            padding=padding,
-            context=self.context,
-            **(self.op_kwargs if selected else {}),
-        )
+        options = self.op_kwargs if selected else {}
+        if selected and self._unit is not None and options.get("guide_scope") == "unit":
+            options = {**options, "shared_guide": self._unit.shared(options)}
+        layer = build_conv(self.op if selected else "conv", site, padding=padding, context=self.context, **options)
         self.size = conv_output_size(self.size, kernel_size, site.stride, padding, 1)
         return layer
 
@@ -208,6 +227,18 @@ class LayerBuilder:
     def max_pool(self, kernel_size: int, stride: int, padding: int) -> nn.MaxPool2d:
         self.size = conv_output_size(self.size, kernel_size, stride, padding, 1)
         return nn.MaxPool2d(kernel_size, stride, padding)
+
+    @contextlib.contextmanager
+    def unit_guide(self, in_channels: int) -> Iterator[UnitGuide]:
+        """The operators built inside belong to one unit whose input has ``in_channels``: with DRConv's
+        ``guide_scope="unit"`` they share one :class:`~drbench.ops.drconv.SharedGuide` (``UnitGuide.guide``, None
+        when no layer asked for it), which the unit's forward computes on its input."""
+        unit = UnitGuide(in_channels)
+        self._unit = unit
+        try:
+            yield unit
+        finally:
+            self._unit = None
 
     @contextlib.contextmanager
     def side_branch(self) -> Iterator[None]:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from drbench.models.builder import GlobalAvgPool, LayerBuilder, Placement, make_divisible, relu6
+from drbench.models.builder import GlobalAvgPool, LayerBuilder, Placement, UnitGuide, make_divisible, relu6
 from drbench.models.registry import register_model
 
 STEM_CHANNELS, HEAD_CHANNELS = 32, 1280
@@ -35,15 +35,19 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = int(round(in_channels * expansion))
         self.residual = stride == 1 and in_channels == out_channels
-        expand = [] if expansion == 1 else [layers.conv_bn_act(in_channels, hidden, 1, act=act, tags=("expand",))]
-        self.block = nn.Sequential(
-            *expand,
-            layers.conv_bn_act(hidden, hidden, 3, stride, groups=hidden, act=act, tags=("depthwise",)),
-            layers.conv_bn_act(hidden, out_channels, 1, act=None, tags=("project",)),
-        )
+        with layers.unit_guide(in_channels) as unit:
+            expand = [] if expansion == 1 else [layers.conv_bn_act(in_channels, hidden, 1, act=act,
+                                                                   tags=("expand",))]
+            self.block = nn.Sequential(
+                *expand,
+                layers.conv_bn_act(hidden, hidden, 3, stride, groups=hidden, act=act, tags=("depthwise",)),
+                layers.conv_bn_act(hidden, out_channels, 1, act=None, tags=("project",)),
+            )
+        self.guide = unit.guide  # DRConv's guide_scope="unit": one guide on the block's input for its DRConv layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(x)
+        with UnitGuide.applied(self.guide, x):
+            out = self.block(x)
         return x + out if self.residual else out
 
 

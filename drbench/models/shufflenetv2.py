@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from drbench.models.builder import LayerBuilder, Placement
+from drbench.models.builder import LayerBuilder, Placement, UnitGuide
 from drbench.models.registry import register_model
 
 STAGE_REPEATS = (4, 8, 4)
@@ -44,19 +44,23 @@ class ShuffleUnit(nn.Module):
                     layers.conv_bn_act(in_channels, branch_channels, 1, tags=("left",)),
                 )
         right_in = in_channels if stride > 1 else branch_channels
-        self.right = nn.Sequential(
-            layers.conv_bn_act(right_in, branch_channels, 1, tags=("right",)),
-            layers.conv_bn_act(branch_channels, branch_channels, 3, stride, groups=branch_channels, act=None,
-                               tags=("right",)),
-            layers.conv_bn_act(branch_channels, branch_channels, 1, tags=("right",)),
-        )
+        with layers.unit_guide(right_in) as unit:
+            self.right = nn.Sequential(
+                layers.conv_bn_act(right_in, branch_channels, 1, tags=("right",)),
+                layers.conv_bn_act(branch_channels, branch_channels, 3, stride, groups=branch_channels, act=None,
+                                   tags=("right",)),
+                layers.conv_bn_act(branch_channels, branch_channels, 1, tags=("right",)),
+            )
+        self.guide = unit.guide  # DRConv's guide_scope="unit": the authors' one masknet per unit, on its input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 1:
             kept, x = x.chunk(2, dim=1)
         else:
             kept = self.left(x)
-        return channel_shuffle(torch.cat((kept, self.right(x)), dim=1), 2)
+        with UnitGuide.applied(self.guide, x):
+            right = self.right(x)
+        return channel_shuffle(torch.cat((kept, right), dim=1), 2)
 
 
 PLACEMENTS = {

@@ -15,8 +15,10 @@ torch.Size([2, 14, 14])
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from drbench.ops import region_conv_cpu
-from drbench.ops.functional import default_region_conv_impl, region_conv2d, region_conv_impls
+from drbench.ops.functional import conv_output_size, default_region_conv_impl, region_conv2d, region_conv_impls
 from drbench.ops.region_conv_cpu import factored_region_conv2d
 from drbench.ops.registry import register_op
 
@@ -34,6 +36,13 @@ INITS = ("authors", "independent")
 ``DRConv.py``): every region's filter starts within a few percent of the others, so all regions score alike and the
 guide starts with almost no gradient. ``"independent"``: each region's filter drawn on its own (drbench before
 0.3), kept for the init ablation."""
+DEFAULT_REGIONS = 8
+"""m, the paper's default region count."""
+GUIDE_SCOPES = ("layer", "unit")
+"""Where a DRConv layer's guide comes from. ``"layer"`` (default): its own k x k guide convolution on its input.
+``"unit"``: one :class:`SharedGuide` per model unit, shared by the unit's DRConv layers, as in the authors'
+ShuffleNetV2 (``ShuffleNetV2_pytorch.py``: one ``masknet`` per block for ``conva_right`` and ``convc_right``); only a
+model's units set it up (:meth:`drbench.models.builder.LayerBuilder.unit_guide`)."""
 STRUCTURED = "structured"
 """The ``impl`` that computes the layer from its generator's factors (:func:`~drbench.ops.region_conv_cpu.
 factored_region_conv2d`): the ``dynamic`` and ``static`` generators, on CPU where the compiled kernels build."""
@@ -207,6 +216,41 @@ def _init_as_authors_routing(layer: nn.Linear | nn.Conv2d) -> None:
         nn.init.zeros_(layer.bias)
 
 
+class SharedGuide(nn.Module):
+    """One guide for the DRConv layers of a unit (``guide_scope="unit"``), as the authors' ShuffleNetV2 ``masknet``:
+    a 1x1 convolution to m channels, without bias by default, over the unit's input. The unit computes it once
+    per forward (:meth:`over`); each layer reads it at its own output resolution (:meth:`at`), resized by nearest
+    neighbour where a stride changed it (the authors' ``F.interpolate``). The layers' Eq. 6-8 gradients add up in
+    its weights.
+
+    >>> guide, x = SharedGuide(16, regions=4), torch.randn(2, 16, 8, 8)
+    >>> with guide.over(x):
+    ...     guide.at((4, 4)).shape
+    torch.Size([2, 4, 4, 4])
+    """
+
+    def __init__(self, in_channels: int, regions: int, bias: bool = False) -> None:
+        super().__init__()
+        self.guide = nn.Conv2d(in_channels, regions, 1, bias=bias)
+        self._feature: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def over(self, x: torch.Tensor) -> Iterator[None]:
+        """The guided feature of the unit's input ``x`` is what :meth:`at` returns inside the block."""
+        self._feature = self.guide(x)
+        try:
+            yield
+        finally:
+            self._feature = None
+
+    def at(self, size: tuple[int, int]) -> torch.Tensor:
+        """The guided feature (B, m, H', W') at the spatial ``size`` of a layer's output."""
+        if self._feature is None:
+            raise RuntimeError("SharedGuide: a DRConv layer with a unit's guide ran outside the unit's forward")
+        feature = self._feature
+        return feature if tuple(feature.shape[-2:]) == tuple(size) else F.interpolate(feature, size, mode="nearest")
+
+
 class DRConv2d(nn.Module):
     """Dynamic Region-Aware Convolution, a drop-in for ``nn.Conv2d`` (groups = 1).
 
@@ -219,6 +263,8 @@ class DRConv2d(nn.Module):
         init: ``"authors"`` (every region's filter starts within a few percent of the others, as in the authors'
             code) or ``"independent"`` (each region drawn on its own); see :data:`INITS`.
         guide_bias: whether the guide convolution has a bias (the authors' has none).
+        shared_guide: a unit's :class:`SharedGuide` to take the guided feature from instead of a guide of the
+            layer's own (:data:`GUIDE_SCOPES`); models pass it, for the ``guide_scope="unit"`` option.
         impl: how to compute the layer (:func:`drconv_impls`): ``"structured"`` from the generator's factors, or
             a :func:`~drbench.ops.functional.region_conv2d` implementation on the generated filters. Default: the
             structured path where it runs (dynamic and static generators, CPU, compiled kernels built), else the
@@ -239,12 +285,13 @@ class DRConv2d(nn.Module):
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
-        regions: int = 8,
+        regions: int = DEFAULT_REGIONS,
         generator: str = "dynamic",
         hidden_channels: int | None = None,
         bases: int = 8,
         init: str = "authors",
         guide_bias: bool = False,
+        shared_guide: SharedGuide | None = None,
         impl: str | None = None,
     ):
         super().__init__()
@@ -266,8 +313,12 @@ class DRConv2d(nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.regions, self.generator_name, self.init, self.impl = regions, generator, init, impl
-        self.guide = nn.Conv2d(in_channels, regions, kernel_size, self.stride, self.padding, self.dilation,
-                               bias=guide_bias)
+        if shared_guide is not None and shared_guide.guide.out_channels != regions:
+            raise ValueError(f"DRConv2d: the shared guide scores {shared_guide.guide.out_channels} regions, the "
+                             f"layer has regions={regions}")
+        self.shared_guide = shared_guide
+        self.guide = None if shared_guide else nn.Conv2d(in_channels, regions, kernel_size, self.stride,
+                                                         self.padding, self.dilation, bias=guide_bias)
         self._pointwise_guide = kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         if generator == "dynamic":
             self.generator = DynamicFilterGenerator(
@@ -290,7 +341,12 @@ class DRConv2d(nn.Module):
     def guided_feature(self, x: torch.Tensor) -> torch.Tensor:
         """The guide convolution's output F (B, m, H', W'). A pointwise guide is computed as the batched matrix
         product it is: oneDNN's convolution with m = 8 output channels ran 4.5x slower than ``baddbmm`` on this CPU
-        (B=32, C=116, 28x28), as slow as a fifth of the whole layer."""
+        (B=32, C=116, 28x28), as slow as a fifth of the whole layer. With a unit's guide, that guide's feature at
+        this layer's output size."""
+        if self.shared_guide is not None:
+            size = x.shape[-2:] if self._pointwise_guide else conv_output_size(
+                x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation)
+            return self.shared_guide.at(size)
         guide = self.guide
         if not self._pointwise_guide:
             return guide(x)
@@ -318,13 +374,22 @@ class DRConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, regions={self.regions}, "
             f"generator={self.generator_name!r}, init={self.init!r}"
+            + (", shared guide" if self.shared_guide is not None else "")
         )
 
 
 @register_op(
     "drconv",
     "Dynamic Region-Aware Convolution: m learned regions, one generated filter each",
-    options=("regions", "generator", "hidden_channels", "bases", "init", "guide_bias", "impl"),
+    options=("regions", "generator", "hidden_channels", "bases", "init", "guide_bias", "guide_scope", "impl"),
+    model_args=("shared_guide",),
 )
-def build_drconv(in_channels: int, out_channels: int, kernel_size, **kwargs) -> DRConv2d:
+def build_drconv(in_channels: int, out_channels: int, kernel_size, guide_scope: str = "layer", **kwargs) -> DRConv2d:
+    """A :class:`DRConv2d`; ``guide_scope="unit"`` needs the ``shared_guide`` a model's unit passes in."""
+    if guide_scope not in GUIDE_SCOPES:
+        raise ValueError(f"DRConv2d: guide_scope must be one of {GUIDE_SCOPES}, got {guide_scope!r}")
+    if guide_scope == "unit" and kwargs.get("shared_guide") is None:
+        raise ValueError("DRConv2d: guide_scope='unit' shares one guide among the DRConv layers a model unit builds "
+                         "(ShuffleNetV2's right branch, the blocks of MobileNetV2 and MobileFaceNet); this convolution is not in such a "
+                         "unit (on ShuffleNetV2 use placement right_branch, the authors' own)")
     return DRConv2d(in_channels, out_channels, kernel_size, **kwargs)

@@ -25,6 +25,8 @@ class OpSpec:
     ``needs_input_size`` marks operators (local convolution) whose parameters depend on the spatial size of
     their input: :func:`create_conv` passes ``input_size`` only to those.
     ``options`` names the operator-specific keyword arguments (for suites, ``drbench list ops`` and errors).
+    ``model_args`` names keyword arguments that only a model's builder passes (objects of the model, such as a
+    unit's shared guide), never a suite or the command line.
     """
 
     name: str
@@ -32,20 +34,22 @@ class OpSpec:
     description: str
     needs_input_size: bool = False
     options: tuple[str, ...] = field(default_factory=tuple)
+    model_args: tuple[str, ...] = field(default_factory=tuple)
 
 
 _REGISTRY: dict[str, OpSpec] = {}
 
 
 def register_op(
-    name: str, description: str, *, needs_input_size: bool = False, options: tuple[str, ...] = ()
+    name: str, description: str, *, needs_input_size: bool = False, options: tuple[str, ...] = (),
+    model_args: tuple[str, ...] = (),
 ) -> Callable[[OpBuilder], OpBuilder]:
     """Register ``builder(in_channels, out_channels, kernel_size, **kwargs)`` under ``name``."""
 
     def decorator(builder: OpBuilder) -> OpBuilder:
         if name in _REGISTRY:
             raise ValueError(f"operator {name!r} is already registered")
-        _REGISTRY[name] = OpSpec(name, builder, description, needs_input_size, tuple(options))
+        _REGISTRY[name] = OpSpec(name, builder, description, needs_input_size, tuple(options), tuple(model_args))
         return builder
 
     return decorator
@@ -87,7 +91,7 @@ def create_conv(
         if input_size is None:
             raise ValueError(f"operator {op!r} needs input_size=(H, W), the spatial size of its input")
         kwargs["input_size"] = input_size
-    unknown = set(kwargs) - _COMMON_CONV_ARGS - set(spec.options) - {"input_size"}
+    unknown = set(kwargs) - _COMMON_CONV_ARGS - set(spec.options) - set(spec.model_args) - {"input_size"}
     if unknown:
         raise TypeError(
             f"operator {op!r} does not take {', '.join(sorted(unknown))}; "
