@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from drbench.ops.functional import register_region_conv_impl
+from drbench.ops.region_conv_base import register_region_conv_impl
 from drbench.ops.region_conv_fast import bucket_layout, bucketed_backward, region_argmax
 
 try:
