@@ -5,8 +5,12 @@ it): the state dict, the keyword arguments of :func:`drbench.models.create_model
 input normalisation it was trained with, where its data came from (the arguments of
 :func:`drbench.data.get_dataset`) and the training result.
 
->>> checkpoint = load_checkpoint("model.pt")  # doctest: +SKIP
->>> model = checkpoint.build_model()          # doctest: +SKIP
+With ``model.pt`` from ``drbench train shufflenetv2 --op drconv --checkpoint model.pt``:
+
+>>> checkpoint = load_checkpoint("model.pt")
+>>> model = checkpoint.build_model()
+>>> checkpoint.model_config["op"], checkpoint.data["name"], model.training
+('drconv', 'synthetic', False)
 """
 
 from __future__ import annotations

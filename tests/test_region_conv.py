@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import drbench.ops.region_conv_triton
 from drbench.ops.functional import region_conv2d, region_conv_impls
 
 
@@ -132,3 +133,9 @@ def test_mixed_dtypes_and_unknown_impl_are_errors():
         region_conv2d(x, guide.double(), filters)
     with pytest.raises(ValueError, match="implementation"):
         region_conv2d(x, guide, filters, impl="nope")
+
+
+def test_implementations_are_listed_in_the_order_functional_imports_them():
+    """The reference first, then the faster ones; "triton" only where triton is installed."""
+    triton_installed = drbench.ops.region_conv_triton.triton is not None
+    assert region_conv_impls() == ["reference", "fast", *(["triton"] if triton_installed else []), "compiled"]

@@ -120,8 +120,19 @@ class Dispatch:
     can import, cells a worker can run) and raises :class:`ExecutorError`; :meth:`run` then yields each cell's
     parts as soon as all of them are back.
 
-    >>> dispatch = Dispatch(cells, suite.metrics, config, threads=1, suite_dir=Path("results/quick"))  # doctest: +SKIP
-    >>> for index, parts in dispatch.run(observer): ...                                              # doctest: +SKIP
+    >>> from drbench.config import load_config
+    >>> from drbench.suite import load_suite
+    >>> suite = load_suite("suites/quick.yaml")
+    >>> cells = [cell.with_device("cpu") for cell in suite.cells[:1]]
+    >>> dispatch = Dispatch(cells, {"params": suite.metrics["params"]}, load_config(), threads=1,
+    ...                     suite_dir=Path("results/quick"))
+    >>> class Observer:  # the CLI's draws a progress bar
+    ...     def cell_started(self, cell): print("measuring", cell.label())
+    ...     def cell_status(self, text): pass
+    >>> for index, parts in dispatch.run(Observer()):
+    ...     print(index, [(part.executor, part.metrics) for part in parts])
+    measuring shufflenetv2 0.5x conv 32px b2 small_input=True num_classes=10
+    0 [('local', {'params': {'value': 352042}})]
     """
 
     def __init__(self, cells: Sequence[Cell], metrics: Mapping[str, BaseModel], config: Config, *, threads: int,

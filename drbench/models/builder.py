@@ -22,7 +22,7 @@ from torch.nn.modules.utils import _pair
 
 from drbench.ops import create_conv
 from drbench.ops.drconv import DEFAULT_REGIONS, SharedGuide
-from drbench.ops.functional import conv_output_size
+from drbench.ops.region_conv_base import conv_output_size
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:

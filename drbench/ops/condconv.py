@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
-from drbench.ops.functional import per_sample_conv2d
+from drbench.ops.region_conv_base import per_sample_conv2d
 from drbench.ops.registry import register_op
 
 

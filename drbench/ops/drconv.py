@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from drbench.ops import region_conv_cpu
-from drbench.ops.functional import conv_output_size, default_region_conv_impl, region_conv2d, region_conv_impls
-from drbench.ops.region_conv_cpu import factored_region_conv2d
+from drbench.ops.functional import default_region_conv_impl, region_conv2d, region_conv_impls
+from drbench.ops.region_conv_base import conv_output_size
+from drbench.ops.region_conv_cpu import available as compiled_kernels_available, factored_region_conv2d
 from drbench.ops.registry import register_op
 
 GENERATORS = ("dynamic", "static", "mixture")
@@ -55,7 +55,7 @@ def drconv_impls(device_type: str | None = None) -> list[str]:
     >>> "reference" in drconv_impls() and "structured" in drconv_impls()
     True
     """
-    structured = device_type is None or (device_type == "cpu" and region_conv_cpu.available())
+    structured = device_type is None or (device_type == "cpu" and compiled_kernels_available())
     return region_conv_impls(device_type) + ([STRUCTURED] if structured else [])
 
 

@@ -7,7 +7,9 @@ Eq. 3-5). Because argmax has no gradient, the guide receives the paper's approxi
 ``x`` and ``filters`` receive exact gradients: at each position only the selected region's filter gets one.
 
 Implementations are registered by name so that a faster one can sit beside the reference and be tested
-against it; suites record which one ran.
+against it; suites record which one ran. Each lives in its own module and joins the registry of
+:mod:`drbench.ops.region_conv_base` on import; this module imports them all, so that the questions below
+(:func:`region_conv_impls`, :func:`default_region_conv_impl`, :func:`region_conv_op_names`) see every one.
 
 >>> import torch
 >>> x = torch.randn(2, 8, 10, 10)
@@ -19,50 +21,28 @@ torch.Size([2, 16, 10, 10])
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Type
-
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-IntPair = int | tuple[int, int]
+from drbench.ops.region_conv_base import REGISTERED, IntPair, conv_output_size, detached_unless_recorded
 
+# Importing an implementation registers it, so this order is the listing order of region_conv_impls(): the reference
+# first. "triton" registers only where triton is installed.
+import drbench.ops.region_conv_reference  # noqa: F401
+import drbench.ops.region_conv_fast  # noqa: F401
+import drbench.ops.region_conv_triton  # noqa: F401
+import drbench.ops.region_conv_cpu  # noqa: F401
 
-class _Implementation(NamedTuple):
-    function: Type[torch.autograd.Function]
-    runs_on: Callable[[str], bool]  # whether it can run here on tensors of a device type
-
-
-_IMPLEMENTATIONS: dict[str, _Implementation] = {}
 # Preferred implementations per device type, fastest first (measured: benchmarks/test_region_conv_bench.py); the
 # reference stays selectable by name (impl="reference").
 _PREFERRED_IMPLS = {"cuda": ("triton", "fast"), "cpu": ("compiled", "fast")}
 _PREFERRED_ELSEWHERE = ("fast",)
 
 
-def _runs_anywhere(device_type: str) -> bool:
-    return True
-
-
-def register_region_conv_impl(name: str, runs_on: Callable[[str], bool] = _runs_anywhere):
-    """Class decorator: register a ``torch.autograd.Function`` as implementation ``name`` of region_conv2d.
-
-    Its ``apply`` takes ``(x, guide, filters, stride, padding, dilation)`` with pairs for the last three.
-    ``runs_on(device_type)`` says whether it can run here on tensors of that device type ("cpu", "cuda"), for an
-    implementation that cannot run everywhere (a GPU kernel).
-    """
-
-    def decorator(function: Type[torch.autograd.Function]) -> Type[torch.autograd.Function]:
-        _IMPLEMENTATIONS[name] = _Implementation(function, runs_on)
-        return function
-
-    return decorator
-
-
 def region_conv_impls(device_type: str | None = None) -> list[str]:
     """Names of the registered implementations; given a ``device_type`` ("cpu", "cuda"), only those that can run
     here on tensors of that type (tests and benchmarks iterate over these)."""
-    return [name for name, found in _IMPLEMENTATIONS.items() if device_type is None or found.runs_on(device_type)]
+    return [name for name, found in REGISTERED.items() if device_type is None or found.runs_on(device_type)]
 
 
 def default_region_conv_impl(device_type: str) -> str:
@@ -79,15 +59,7 @@ def default_region_conv_impl(device_type: str) -> str:
 
 def region_conv_op_names() -> list[str]:
     """The names under which tracers (fvcore, torch.jit) see each implementation, e.g. for op handles."""
-    return [f"prim::PythonOp.{found.function.__name__}" for found in _IMPLEMENTATIONS.values()]
-
-
-def conv_output_size(size: IntPair, kernel_size: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair):
-    """Spatial output size (H', W') of a convolution, as ``nn.Conv2d`` computes it."""
-    return tuple(
-        (s + 2 * p - d * (k - 1) - 1) // st + 1
-        for s, k, st, p, d in zip(_pair(size), _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation))
-    )
+    return [f"prim::PythonOp.{found.function.__name__}" for found in REGISTERED.values()]
 
 
 def check_region_conv_args(x: torch.Tensor, guide: torch.Tensor, filters: torch.Tensor, stride, padding, dilation):
@@ -137,100 +109,6 @@ def region_conv2d(
     check_region_conv_args(x, guide, filters, stride, padding, dilation)
     x, guide, filters = detached_unless_recorded(x, guide, filters)
     name = impl or default_region_conv_impl(x.device.type)
-    if name not in _IMPLEMENTATIONS:
+    if name not in REGISTERED:
         raise ValueError(f"unknown region_conv2d implementation {name!r}; expected one of: {region_conv_impls()}")
-    return _IMPLEMENTATIONS[name].function.apply(x, guide, filters, _pair(stride), _pair(padding), _pair(dilation))
-
-
-def detached_unless_recorded(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The tensors, detached where autograd will not record the call (``torch.no_grad``), so that an
-    implementation's ``ctx.needs_input_grad`` says whether a backward can come and its forward keeps nothing for
-    one that cannot (inside ``Function.forward`` grad mode is always off, and ``needs_input_grad`` only reads
-    ``requires_grad``).
-
-    >>> with torch.no_grad():
-    ...     detached_unless_recorded(torch.ones(1, requires_grad=True), None)[0].requires_grad
-    False
-    """
-    if torch.is_grad_enabled():
-        return list(tensors)
-    return [None if t is None else t.detach() for t in tensors]
-
-
-def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int = 1):
-    """Convolve each sample with its own weight: x (B, C, H, W), weight (B, O, C/groups, kh, kw) -> (B, O, H', W').
-
-    The batch is folded into the channel groups, so it is one ``F.conv2d`` call.
-    """
-    batch, channels, height, width = x.shape
-    out_channels = weight.shape[1]
-    out = F.conv2d(
-        x.reshape(1, batch * channels, height, width),
-        weight.reshape(batch * out_channels, *weight.shape[2:]),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=batch * groups,
-    )
-    return out.view(batch, out_channels, *out.shape[-2:])
-
-
-def guide_gradient(guide: torch.Tensor, region_scores: torch.Tensor) -> torch.Tensor:
-    """The paper's Eq. 6-8: ``s * (g - <s, g>)`` with ``s = softmax(guide)`` over regions (dim 1).
-
-    ``region_scores`` is g of Eq. 7, (B, m, H', W'): for each region j, ``<dL/dW_hat, W_j>`` at each position.
-    """
-    soft = torch.softmax(guide, dim=1)
-    return soft * (region_scores - (soft * region_scores).sum(dim=1, keepdim=True))
-
-
-@register_region_conv_impl("reference")
-class RegionConv2dReference(torch.autograd.Function):
-    """Straightforward implementation: every region's output everywhere, then one kept per position.
-
-    It costs m convolutions and holds m outputs; it is the reference that faster implementations are tested
-    against, not the one to time.
-    """
-
-    @staticmethod
-    def forward(ctx, x, guide, filters, stride, padding, dilation):
-        region_outputs = _all_region_outputs(x, filters, stride, padding, dilation)  # (B, m, O, H', W')
-        mask = guide.argmax(dim=1)
-        ctx.save_for_backward(x, guide, filters, mask)
-        ctx.conv_args = (stride, padding, dilation)
-        return _select_regions(region_outputs, mask)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, guide, filters, mask = ctx.saved_tensors
-        with torch.enable_grad():
-            x_ = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            filters_ = filters.detach().requires_grad_(ctx.needs_input_grad[2])
-            region_outputs = _all_region_outputs(x_, filters_, *ctx.conv_args)
-            selected = _select_regions(region_outputs, mask)
-            wanted = [t for t, need in ((x_, ctx.needs_input_grad[0]), (filters_, ctx.needs_input_grad[2])) if need]
-            grads = iter(torch.autograd.grad(selected, wanted, grad_out) if wanted else ())
-        grad_x = next(grads) if ctx.needs_input_grad[0] else None
-        grad_filters = next(grads) if ctx.needs_input_grad[2] else None
-        grad_guide = None
-        if ctx.needs_input_grad[1]:
-            region_scores = torch.einsum("bmohw,bohw->bmhw", region_outputs.detach(), grad_out)
-            grad_guide = guide_gradient(guide, region_scores)
-        return grad_x, grad_guide, grad_filters, None, None, None
-
-
-def _all_region_outputs(x, filters, stride, padding, dilation):
-    batch, regions, out_channels = filters.shape[:3]
-    stacked = filters.reshape(batch, regions * out_channels, *filters.shape[3:])
-    out = per_sample_conv2d(x, stacked, stride, padding, dilation)
-    return out.view(batch, regions, out_channels, *out.shape[-2:])
-
-
-def _select_regions(region_outputs, mask):
-    index = mask[:, None, None].expand(-1, 1, region_outputs.shape[2], -1, -1)
-    return region_outputs.gather(1, index).squeeze(1)
-
-
-# Register the "fast" and (where triton is installed) "triton" implementations; at the bottom because they build on
-# the helpers above.
-from drbench.ops import region_conv_fast, region_conv_triton, region_conv_cpu  # noqa: E402,F401
+    return REGISTERED[name].function.apply(x, guide, filters, _pair(stride), _pair(padding), _pair(dilation))

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from drbench.ops.functional import conv_output_size
+from drbench.ops.region_conv_base import conv_output_size
 from drbench.ops.registry import register_op
 
 

@@ -49,7 +49,7 @@ from torch.profiler import record_function
 from torch.utils import cpp_extension
 from torch.utils.flop_counter import register_flop_formula
 
-from drbench.ops.functional import detached_unless_recorded, guide_gradient, register_region_conv_impl
+from drbench.ops.region_conv_base import detached_unless_recorded, guide_gradient, register_region_conv_impl
 from drbench.ops.region_conv_fast import _Geometry, _region_scores
 
 _SOURCE = Path(__file__).with_name("csrc") / "region_conv_cpu.cpp"

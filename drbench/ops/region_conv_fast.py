@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from drbench.ops.functional import guide_gradient, register_region_conv_impl
+from drbench.ops.region_conv_base import guide_gradient, register_region_conv_impl
 
 # Tile sizes are rounded up to a multiple of this: the batched matmul runs markedly faster on such widths.
 _TILE_ALIGN = 8

@@ -23,10 +23,11 @@ Triton's interpreter (``TRITON_INTERPRET=1``, slow; for tests).
 
 >>> import torch
 >>> from drbench.ops.functional import region_conv2d
->>> x = torch.randn(2, 8, 10, 10, device="cuda")
->>> guide = torch.randn(2, 4, 10, 10, device="cuda")
->>> filters = torch.randn(2, 4, 16, 8, 3, 3, device="cuda")
->>> region_conv2d(x, guide, filters, padding=1, impl="triton").shape  # doctest: +SKIP
+>>> device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors need TRITON_INTERPRET=1
+>>> x = torch.randn(2, 8, 10, 10, device=device)
+>>> guide = torch.randn(2, 4, 10, 10, device=device)
+>>> filters = torch.randn(2, 4, 16, 8, 3, 3, device=device)
+>>> region_conv2d(x, guide, filters, padding=1, impl="triton").shape
 torch.Size([2, 16, 10, 10])
 """
 
@@ -38,7 +39,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from drbench.ops.functional import register_region_conv_impl
+from drbench.ops.region_conv_base import register_region_conv_impl
 from drbench.ops.region_conv_fast import bucket_layout, bucketed_backward, region_argmax
 
 try:
