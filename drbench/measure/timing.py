@@ -50,11 +50,13 @@ from drbench.stats import NOISY_REL_IQR
 MIN_BLOCK_S = 0.01
 """Calls shorter than this are grouped into blocks at least this long."""
 
-MIN_WARMUP_S = 0.1
+MIN_WARMUP_S = 0.3
 """Warm-up lasts at least this long, however few calls ``warmup`` asks for: a model's first calls run slow for tens
-of milliseconds (the allocator, oneDNN's primitives for new shapes, first touches of the weights). With the quick
-suite's single warm-up call, MobileNetV2 0.35x DRConv's first blocks took 13-15 ms and the rest 8 ms (IQR/median
-10-22%, "noisy"), and the block size was chosen from the cold call."""
+to hundreds of milliseconds (the allocator, oneDNN's primitives for new shapes, first touches of the weights). With
+the quick suite's single warm-up call, MobileNetV2 0.35x DRConv's first blocks took 13-15 ms and the rest 8 ms
+(IQR/median 10-22%, "noisy"), and the block size was chosen from the cold call. 0.1 s was not enough in a fresh
+process (``make demo`` on a new clone): the first 6 forward blocks of that cell, and the first training steps of
+ShuffleNetV2 DRConv and local, still ran 10-60% slow, and flagged the forward noisy (12%; 9% without them)."""
 
 REFERENCE_SETTLE_S = 0.01
 """Untimed reference-kernel calls before each timed reference block. Right after a cell's block the first reference
