@@ -317,8 +317,10 @@ class DRConv2d(nn.Module):
             raise ValueError(f"DRConv2d: the shared guide scores {shared_guide.guide.out_channels} regions, the "
                              f"layer has regions={regions}")
         self.shared_guide = shared_guide
-        self.guide = None if shared_guide else nn.Conv2d(in_channels, regions, kernel_size, self.stride,
-                                                         self.padding, self.dilation, bias=guide_bias)
+        self.guide = None
+        if shared_guide is None:
+            self.guide = nn.Conv2d(in_channels, regions, kernel_size, self.stride, self.padding, self.dilation,
+                                   bias=guide_bias)
         self._pointwise_guide = kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
         if generator == "dynamic":
             self.generator = DynamicFilterGenerator(
