@@ -11,6 +11,7 @@ from drbench.measure.complexity import complexity
 from drbench.models import create_model
 from drbench.ops import DRConv2d, create_conv
 from drbench.ops.drconv import SharedGuide
+from drbench.suite import load_suite
 
 SMALL = dict(width=0.5, op="drconv", regions=4, num_classes=10, input_size=32, small_input=True)
 
@@ -82,14 +83,20 @@ def test_a_unit_guide_where_no_unit_builds_the_layer_is_refused_naming_the_conv(
                      **{**SMALL, "width": 0.5 if model == "shufflenetv2" else 0.25})
 
 
-def test_a_unit_guide_outside_a_model_and_unknown_scopes_are_refused():
-    with pytest.raises(ValueError, match="not in such a unit"):
-        create_conv("drconv", 8, 8, 1, guide_scope="unit")
+def test_a_layer_on_its_own_keeps_its_guide_unknown_scopes_are_refused_and_a_suite_takes_the_option(tmp_path):
+    alone = create_conv("drconv", 8, 8, 1, guide_scope="unit")  # what a suite's option check builds: no unit
+    assert alone.guide is not None and alone.shared_guide is None
     with pytest.raises(ValueError, match="guide_scope must be one of"):
         create_conv("drconv", 8, 8, 1, guide_scope="block")
     layer = DRConv2d(8, 8, 1, regions=4, shared_guide=SharedGuide(8, regions=4))
     with pytest.raises(RuntimeError, match="outside the unit's forward"):
         layer(torch.randn(1, 8, 4, 4))
+    suite = tmp_path / "unit.yaml"
+    suite.write_text("name: unit\nfixed: {model: shufflenetv2, width: 0.5, op: drconv, regions: 4, guide_scope: unit,"
+                     " placement: right_branch, input_size: 32, small_input: true, num_classes: 10}\n"
+                     "metrics: {params: {}}\n")
+    (cell,) = load_suite(suite).cells
+    assert cell.config()["guide_scope"] == "unit"
 
 
 def test_mobilenetv2_blocks_share_one_guide_between_expand_and_project():

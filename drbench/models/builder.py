@@ -207,7 +207,13 @@ class LayerBuilder:
         self.sites.append(site)
         selected = self.placement.selects(site)
         options = self.op_kwargs if selected else {}
-        if selected and self._unit is not None and options.get("guide_scope") == "unit":
+        if options.get("guide_scope") == "unit":
+            if self._unit is None:
+                raise ValueError(
+                    f"{self.context}cannot put {self.op!r} on {site.describe()}: guide_scope='unit' shares one guide "
+                    "among the layers a model unit builds (ShuffleNetV2's right branch, the blocks of MobileNetV2 and "
+                    "MobileFaceNet); this convolution is not in such a unit (on ShuffleNetV2 use placement "
+                    "right_branch, the authors' own)")
             options = {**options, "shared_guide": self._unit.shared(options)}
         layer = build_conv(self.op if selected else "conv", site, padding=padding, context=self.context, **options)
         self.size = conv_output_size(self.size, kernel_size, site.stride, padding, 1)

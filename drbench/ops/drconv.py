@@ -387,11 +387,9 @@ class DRConv2d(nn.Module):
     model_args=("shared_guide",),
 )
 def build_drconv(in_channels: int, out_channels: int, kernel_size, guide_scope: str = "layer", **kwargs) -> DRConv2d:
-    """A :class:`DRConv2d`; ``guide_scope="unit"`` needs the ``shared_guide`` a model's unit passes in."""
+    """A :class:`DRConv2d`. ``guide_scope="unit"`` takes effect through the ``shared_guide`` a model's unit passes
+    in; a layer built on its own (as a suite's option check builds one) has no unit and keeps a guide of its own, and
+    models refuse the option where no unit builds the layer (:meth:`~drbench.models.builder.LayerBuilder.conv`)."""
     if guide_scope not in GUIDE_SCOPES:
         raise ValueError(f"DRConv2d: guide_scope must be one of {GUIDE_SCOPES}, got {guide_scope!r}")
-    if guide_scope == "unit" and kwargs.get("shared_guide") is None:
-        raise ValueError("DRConv2d: guide_scope='unit' shares one guide among the DRConv layers a model unit builds "
-                         "(ShuffleNetV2's right branch, the blocks of MobileNetV2 and MobileFaceNet); this convolution is not in such a "
-                         "unit (on ShuffleNetV2 use placement right_branch, the authors' own)")
     return DRConv2d(in_channels, out_channels, kernel_size, **kwargs)
