@@ -5,7 +5,7 @@ two machines is the same cell, measured twice.
 
 >>> env = capture_environment("cpu")
 >>> sorted(env)[:3]
-['cpu_model', 'cuda_version', 'cudnn_benchmark']
+['allocator', 'cpu_model', 'cuda_version']
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import drbench
+from drbench.measure.allocator import hold_freed_memory
 from drbench.ops.drconv import default_drconv_impl
 from drbench.ops.functional import default_region_conv_impl
 
@@ -51,6 +52,8 @@ def capture_environment(device: str | torch.device) -> dict:
         # region_conv2d implementation (mixture generator) and the layer's path (dynamic and static generators).
         "region_conv_impl": default_region_conv_impl(device.type),
         "drconv_impl": default_drconv_impl(device.type),
+        # timing holds freed memory (no page faults per call); a process that measures has set it already
+        "allocator": hold_freed_memory(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -18,6 +18,7 @@ LEAVES = {
     "drbench.config": {"drbench.record"},
     "drbench.metric_registry": {"drbench.config", "drbench.stats"},
     "drbench.ops.region_conv_base": set(),
+    "drbench.measure.allocator": set(),
 }
 """Module -> the only drbench modules it may import at its top level."""
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import resource
+import subprocess
+import sys
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from drbench.measure import memory, timing
+from drbench.measure import allocator, memory, timing
 from drbench.measure.memory import CPU_METHOD, forward_peak_memory
 from drbench.measure.timing import (
     CudaEventTimer,
@@ -300,3 +303,36 @@ def test_cuda_peak_memory_uses_the_allocator_peak(monkeypatch):
     result = memory._cuda_peak(nn.Identity(), example)
     assert result.peak_bytes == 4000 and result.method == memory.CUDA_METHOD
     assert calls == ["sync", "reset", "sync"]
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from drbench.measure.allocator import hold_freed_memory
+state = hold_freed_memory() if sys.argv[1] == "held" else "default"
+
+def two_tensors():  # with glibc's defaults, freeing both trims the heap's top: the next call faults it in again
+    torch.empty(2 << 20).fill_(1), torch.empty(2 << 20).fill_(1)
+
+for _ in range(3):
+    two_tensors()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    two_tensors()
+print(state, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-fault counts from getrusage: Linux")
+def test_timing_keeps_freed_memory_so_calls_do_not_page_fault():
+    def faults_per_call(mode: str) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        state, faults = out.stdout.rsplit(maxsplit=1)
+        return state, float(faults)
+
+    pages = 2 * (8 << 20) // resource.getpagesize()
+    state, held = faults_per_call("held")
+    if state == allocator.UNCHANGED:
+        pytest.skip("not glibc: the allocator's settings cannot be set")
+    assert state == allocator.HELD and held < pages / 100
+    _, default = faults_per_call("default")
+    assert default > pages / 4, "glibc's defaults no longer give these blocks back: the setting is moot here"

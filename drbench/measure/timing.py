@@ -25,6 +25,8 @@ how to show them.
   cell left behind (caches, a spinning thread pool) moves it: a change of the cell's thread count shows.
   (Measured under load: dividing each sample by its own round's reference flagged none of 15 same-commit rows;
   dividing by the run's reference median, which leaves the drift within a run in, flagged one.)
+- Freed memory stays in the process while timing (:func:`drbench.measure.allocator.hold_freed_memory`): otherwise
+  glibc's malloc hands large tensors back to the kernel and each call pays page faults for them again.
 
 >>> import torch
 >>> m = time_callable(lambda: torch.ones(64, 64) @ torch.ones(64, 64), budget_s=0.05)
@@ -45,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from drbench.measure.allocator import hold_freed_memory
 from drbench.stats import NOISY_REL_IQR
 
 MIN_BLOCK_S = 0.01
@@ -260,6 +263,7 @@ def time_interleaved(
         raise ValueError("time_interleaved needs at least one callable")
     if min_blocks < 2:
         raise ValueError(f"min_blocks must be at least 2 to judge the spread, got {min_blocks}")
+    hold_freed_memory()  # page faults of freshly mapped memory are the allocator's cost, not the callables'
     timer = timer or block_timer_for(device)
     calls = {name: _calls_per_block(fn, timer, warmup, warmup_s) for name, fn in fns.items()}
     settle = settle_s or {}
