@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import resource
 import subprocess
@@ -336,3 +337,10 @@ def test_timing_keeps_freed_memory_so_calls_do_not_page_fault():
     assert state == allocator.HELD and held < pages / 100
     _, default = faults_per_call("default")
     assert default > pages / 4, "glibc's defaults no longer give these blocks back: the setting is moot here"
+
+
+def test_timed_blocks_run_without_the_garbage_collector_and_restore_it():
+    seen = []
+    timing.time_callable(lambda: seen.append(gc.isenabled()), budget_s=0.02, warmup=2, warmup_s=0.0)
+    assert gc.isenabled()
+    assert seen[-1] is False and seen[0] is True  # the warm-up call collects as usual, timed calls do not
