@@ -221,6 +221,19 @@ inline void axpy_run(scalar_t* __restrict__ to, const scalar_t* __restrict__ wei
   for (int64_t k = 0; k < count; ++k) to[k] += (kPerPosition ? weights[k] : weights[0]) * from[k * stride];
 }
 
+// to[i] = from[index[i]] + add, for i < count, where index[i] >= 0; 0 where it is negative (outside the image) when
+// `negatives` says there may be such. Without negatives the loop vectorises into gathers (a conditional load does
+// not, with gcc 12).
+template <typename scalar_t>
+inline void gather(scalar_t* __restrict__ to, const scalar_t* __restrict__ from, const int32_t* __restrict__ index,
+                   int64_t count, bool negatives, scalar_t add = scalar_t(0)) {
+  if (!negatives) {
+    for (int64_t i = 0; i < count; ++i) to[i] = from[index[i]] + add;
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) to[i] = index[i] >= 0 ? from[index[i]] + add : scalar_t(0);
+}
+
 // filter[k * T + tap] = sum_q coef[q * T + tap] * factors[q][k], for k < size: one (sample, region) filter made
 // from its factors; a 1x1 filter (T = 1) as Q vectorised passes over the output.
 template <typename scalar_t>
@@ -497,8 +510,10 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
     scalar_t* op = out.data_ptr<scalar_t>();
     auto run = [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> features, results, values, coefs, filters;
-      std::vector<int64_t> order, offsets(regions + 1);
-      std::vector<int32_t> sources;
+      std::vector<int64_t> offsets(regions + 1);
+      // order[i]: the block position of column i; column_of: its inverse. int32, so that gathers through them
+      // vectorise (the scatter of results is a gather through column_of, with contiguous stores)
+      std::vector<int32_t> order, column_of, sources;
       std::vector<char> made(regions);  // filters of sample `made_for` made so far, by region
       int64_t made_for = -1;
       for (int64_t job = begin; job < end; ++job) {
@@ -516,9 +531,14 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
         for (int64_t j = 0; j < n; ++j) offsets[region[j] + 1]++;
         for (int64_t t = 0; t < regions; ++t) offsets[t + 1] += offsets[t];
         order.resize(n);
+        column_of.resize(n);
         {
           std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
-          for (int64_t j = 0; j < n; ++j) order[next[region[j]]++] = j;
+          for (int64_t j = 0; j < n; ++j) {
+            const int32_t column = static_cast<int32_t>(next[region[j]]++);
+            order[column] = static_cast<int32_t>(j);
+            column_of[j] = column;
+          }
         }
         features.resize(K * n);
         if (with_coeffs && stencils) {
@@ -536,21 +556,23 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
                 axpy_run<true>(values.data() + first - p0, coefs.data() + (q * T + tap) * n + first - p0,
                                channel + source, count, g.sw);
               }, row_begin, row_end);
-              scalar_t* row = features.data() + (q * C + c) * n;
-              for (int64_t i = 0; i < n; ++i) row[i] = values[order[i]];
+              gather(features.data() + (q * C + c) * n, values.data(), order.data(), n, false);
             }
           }
         } else {
+          // tap-major (sources[tap * n + i]), so that the gathers below read their indices contiguously
           sources.resize(n * T);
-          for (int64_t i = 0; i < n; ++i) tap_sources(g, p0 + order[i], sources.data() + i * T);
+          std::vector<int32_t> taps(T);
+          for (int64_t i = 0; i < n; ++i) {
+            tap_sources(g, p0 + order[i], taps.data());
+            for (int64_t tap = 0; tap < T; ++tap) sources[tap * n + i] = taps[tap];
+          }
+          const bool padded = g.ph > 0 || g.pw > 0;  // without padding every tap reads inside the image
           for (int64_t c = 0; c < C; ++c) {
             const scalar_t* channel = xp + (b * C + c) * HW;
             for (int64_t tap = 0; tap < T; ++tap) {
               scalar_t* row = features.data() + (c * T + tap) * n;
-              for (int64_t i = 0; i < n; ++i) {
-                const int32_t from = sources[i * T + tap];
-                row[i] = from >= 0 ? channel[from] : scalar_t(0);
-              }
+              gather(row, channel, sources.data() + tap * n, n, padded);
             }
           }
         }
@@ -581,9 +603,7 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
         }
         for (int64_t o = 0; o < O; ++o) {
           const scalar_t add = bp ? bp[o] : scalar_t(0);
-          const scalar_t* from = results.data() + o * n;
-          scalar_t* to = op + (b * O + o) * P + p0;
-          for (int64_t i = 0; i < n; ++i) to[order[i]] = from[i] + add;
+          gather(op + (b * O + o) * P + p0, results.data() + o * n, column_of.data(), n, false, add);
         }
       }
     };
