@@ -120,16 +120,44 @@ def test_float32_matches_reference_loosely(case, forward_way):
     assert_structured_matches_reference(case, "dynamic", torch.float32, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("generator", ["dynamic", "static"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forward_without_gradients_matches_reference(case, forward_way, monkeypatch):
-    # without autograd the forward keeps nothing and goes a block of rows at a time: force one row a block
+def test_forward_without_gradients_matches_reference(case, generator, forward_way, monkeypatch):
+    # without autograd the forward keeps nothing and goes a block of rows at a time: force one row a block (pointwise
+    # layers also score their positions there, with the guide convolution fused)
     monkeypatch.setattr(region_conv_cpu, "_BLOCK_ELEMENTS", 1)
-    layer = make_layer(case, "dynamic", torch.float64)
+    layer = make_layer(case, generator, torch.float64)
     x = torch.randn(case.batch, case.channels, *case.size, dtype=torch.float64)
     with torch.no_grad():
-        out = layer(x)
+        out, mask = layer(x), layer.last_mask
         layer.impl = "reference"
         torch.testing.assert_close(out, layer(x), rtol=1e-10, atol=1e-10)
+        assert torch.equal(mask, layer.last_mask)
+
+
+@pytest.mark.parametrize("guide_bias", [False, True])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_pointwise_layers_without_gradients_fuse_the_guide_and_the_generator(guide_bias, dtype, tolerance,
+                                                                             monkeypatch):
+    from drbench.ops import drconv
+
+    fused = []
+    monkeypatch.setattr(drconv, "pointwise_forward",
+                        lambda *args: fused.append(1) or region_conv_cpu.pointwise_forward(*args))
+    torch.manual_seed(0)
+    layer = DRConv2d(12, 10, 1, regions=4, hidden_channels=8, guide_bias=guide_bias, init="independent").to(dtype)
+    x = torch.randn(3, 12, 7, 6, dtype=dtype)
+    with torch.inference_mode():
+        out, mask = layer(x), layer.last_mask
+        coeffs, _ = layer.generator.factors(x)
+    assert fused == [1]
+    expected_coeffs = torch.nn.functional.pad(torch.sigmoid(layer.generator.hidden_units(x)).view(3, 4, 2, 1),
+                                              (0, 0, 0, 1), value=1.0)
+    torch.testing.assert_close(coeffs, expected_coeffs, rtol=tolerance, atol=tolerance)
+    out_with_autograd = layer(x.requires_grad_())  # the unfused path: guide feature, torch generator
+    assert fused == [1]
+    torch.testing.assert_close(out, out_with_autograd.detach(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(mask, layer.last_mask)
 
 
 def test_the_compiled_implementation_takes_filters_in_any_layout():

@@ -27,7 +27,8 @@ from torch.nn.modules.utils import _pair
 
 from drbench.ops.functional import default_region_conv_impl, region_conv2d, region_conv_impls
 from drbench.ops.region_conv_base import conv_output_size
-from drbench.ops.region_conv_cpu import available as compiled_kernels_available, factored_region_conv2d
+from drbench.ops.region_conv_cpu import available as compiled_kernels_available, extension as compiled_kernels
+from drbench.ops.region_conv_cpu import factored_region_conv2d, pointwise_forward
 from drbench.ops.registry import register_op
 
 GENERATORS = ("dynamic", "static", "mixture")
@@ -149,8 +150,13 @@ class DynamicFilterGenerator(nn.Module):
         ``[s, 1]`` (B, m, hidden/m + 1, kh*kw) and weights ``[W[:, 0], ..., W[:, -1], bias]``, each (m, O, C)."""
         regions, out_channels, in_channels = self.shape[:3]
         per_region = self.weight.shape[1]
-        hidden = torch.sigmoid(self.hidden_units(x)).view(x.shape[0], regions, per_region, -1)
-        coeffs = F.pad(hidden, (0, 0, 0, 1), value=1.0)  # the bias term's coefficient, 1 at every tap
+        if (self.pool.output_size == (1, 1) and x.device.type == "cpu" and compiled_kernels_available()
+                and not _differentiated(x, self)):  # one compiled call where ten torch calls cost more
+            hidden = self.hidden
+            coeffs = compiled_kernels().pointwise_coefficients(x, hidden.weight.flatten(1), hidden.bias, regions)
+        else:
+            hidden = torch.sigmoid(self.hidden_units(x)).view(x.shape[0], regions, per_region, -1)
+            coeffs = F.pad(hidden, (0, 0, 0, 1), value=1.0)  # the bias term's coefficient, 1 at every tap
         weight = self.weight.view(regions, per_region, out_channels, in_channels)
         return coeffs, [*weight.unbind(1), self.bias.view(regions, out_channels, in_channels)]
 
@@ -333,12 +339,15 @@ class DRConv2d(nn.Module):
         else:
             raise ValueError(f"DRConv2d: generator must be one of {GENERATORS}, got {generator!r}")
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self._last_guide: torch.Tensor | None = None
+        self._last_guide: torch.Tensor | None = None  # what last_mask comes from, made on demand
+        self._last_mask: torch.Tensor | None = None
 
     @property
     def last_mask(self) -> torch.Tensor | None:
         """The region selected at each output position (B, H', W') in the last forward; None before any."""
-        return None if self._last_guide is None else self._last_guide.argmax(dim=1)
+        if self._last_mask is None and self._last_guide is not None:
+            self._last_mask = self._last_guide.argmax(dim=1)
+        return self._last_mask
 
     def guided_feature(self, x: torch.Tensor) -> torch.Tensor:
         """The guide convolution's output F (B, m, H', W'). A pointwise guide is computed as the batched matrix
@@ -359,9 +368,16 @@ class DRConv2d(nn.Module):
         return out.view(batch, -1, height, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        guide = self.guided_feature(x)
-        self._last_guide = guide.detach()
         impl = self.impl or default_drconv_impl(x.device.type, self.generator_name)
+        if impl == STRUCTURED and self._pointwise_guide and self.guide is not None and not _differentiated(x, self):
+            # the guide convolution computed inside the region convolution, block by block (pointwise_forward)
+            coeffs, weights = self.generator.factors(x)
+            out, self._last_mask = pointwise_forward(x, self.guide.weight, self.guide.bias, coeffs, weights,
+                                                     self.bias)
+            self._last_guide = None
+            return out
+        guide = self.guided_feature(x)
+        self._last_guide, self._last_mask = guide.detach(), None
         if impl == STRUCTURED:
             coeffs, weights = self.generator.factors(x)
             return factored_region_conv2d(x, guide, coeffs, weights, self.kernel_size, self.stride, self.padding,
@@ -378,6 +394,14 @@ class DRConv2d(nn.Module):
             f"generator={self.generator_name!r}, init={self.init!r}"
             + (", shared guide" if self.shared_guide is not None else "")
         )
+
+
+def _differentiated(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether autograd records a call of ``module`` on ``x``, or a tracer (fvcore's MAC count) watches it: only
+    otherwise may the layer run fused kernels that neither sees."""
+    if torch.jit.is_tracing():
+        return True
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 @register_op(

@@ -155,11 +155,13 @@ def bucketed_forward(x, guide, coeffs, weights, kernel, stride, padding, dilatio
     """
     ext = extension()
     conv = conv_args(kernel, stride, padding, dilation)
+    regions, positions = guide.shape[1], guide.shape[-2] * guide.shape[-1]
     if counting_dispatch():
-        executed_macs(x, _executed_macs(x, guide, coeffs, weights, kernel, stencils))
+        executed_macs(x, _executed_macs(x, regions, positions, coeffs, weights, kernel, stencils))
     if not keep:
-        return ext.blocked_forward(x, guide, coeffs, weights, per_sample, stencils, conv, bias, _BLOCK_ELEMENTS), None
-    regions = guide.shape[1]
+        out, _ = ext.blocked_forward(x, guide, None, None, coeffs, weights, per_sample, stencils, conv, bias,
+                                     _BLOCK_ELEMENTS)
+        return out, None
     out = x.new_empty(x.shape[0], weights[0].shape[-2], *guide.shape[-2:])
     mask, order, offsets = ext.route(guide)
     features = ext.gather_features(x, mask, order, offsets, coeffs if stencils else None, conv, *guide.shape[-2:])
@@ -171,15 +173,44 @@ def bucketed_forward(x, guide, coeffs, weights, kernel, stride, padding, dilatio
     return out, Routing(mask, order, offsets, features)
 
 
-def _executed_macs(x, guide, coeffs, weights, kernel, stencils: bool) -> int:
+def _executed_macs(x, regions: int, positions: int, coeffs, weights, kernel, stencils: bool) -> int:
     """Multiply-adds the compiled forward runs: its GEMMs (Q * C or C * taps per output channel and position) and,
     when it makes filters from factors, those (m per sample, Q * O * C * taps each)."""
     batch, channels = x.shape[:2]
-    positions, taps = guide.shape[-2] * guide.shape[-1], kernel[0] * kernel[1]
+    taps = kernel[0] * kernel[1]
     out_channels = weights[0].shape[-2]
     rows = len(weights) * channels if coeffs is not None and stencils else channels * taps
-    made = guide.shape[1] * len(weights) * out_channels * channels * taps if coeffs is not None and not stencils else 0
+    made = regions * len(weights) * out_channels * channels * taps if coeffs is not None and not stencils else 0
     return batch * (positions * out_channels * rows + made)
+
+
+def pointwise_forward(x: torch.Tensor, guide_weight: torch.Tensor, guide_bias: torch.Tensor | None,
+                      coeffs: torch.Tensor | None, weights: Sequence[torch.Tensor],
+                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pointwise DRConv layer (1x1, stride 1, no padding) that nothing will differentiate, guide convolution
+    included: the output and the region of each position (B, H, W).
+
+    The guide convolution (``guide_weight`` (m, C, 1, 1), ``guide_bias``) is computed block by block as the
+    positions are routed, from input columns already in cache, where the guided feature would be a pass through the
+    input and a tensor (at batch 1 the separate product cost as much as the rest of a small layer). Factors as
+    :func:`factored_region_conv2d`'s.
+
+    >>> import torch
+    >>> x, guide_weight = torch.randn(2, 8, 6, 6), torch.randn(4, 8, 1, 1)
+    >>> coeffs, weights = torch.rand(2, 4, 2, 1), [torch.randn(4, 16, 8), torch.randn(4, 16, 8)]
+    >>> guide = torch.nn.functional.conv2d(x, guide_weight)
+    >>> out, regions = pointwise_forward(x, guide_weight, None, coeffs, weights)
+    >>> torch.equal(regions, guide.argmax(1)) and torch.allclose(
+    ...     out, factored_region_conv2d(x, guide, coeffs, weights, (1, 1)), atol=1e-5)
+    True
+    """
+    regions, positions = guide_weight.shape[0], x.shape[-2] * x.shape[-1]
+    stencils = _uses_stencils(x, regions, positions, coeffs, weights, (1, 1), training=False)
+    if counting_dispatch():
+        guide_macs = x.shape[0] * positions * regions * x.shape[1]
+        executed_macs(x, guide_macs + _executed_macs(x, regions, positions, coeffs, weights, (1, 1), stencils))
+    return extension().blocked_forward(x, None, guide_weight.flatten(1), guide_bias, coeffs, weights, False,
+                                       stencils, conv_args((1, 1), (1, 1), (0, 0), (1, 1)), bias, _BLOCK_ELEMENTS)
 
 
 def bucketed_backward(grad_out, x, coeffs, weights, per_sample: bool, routing: Routing, kernel, stride, padding,
@@ -266,7 +297,8 @@ def factored_region_conv2d(x: torch.Tensor, guide: torch.Tensor, coeffs: torch.T
         x, guide, coeffs, bias, *weights = detached_unless_recorded(*tensors)
         return FactoredRegionConv2d.apply(x, guide, coeffs, bias, conv, *weights)
     # nothing to differentiate: straight to the kernels (autograd's machinery costs microseconds a layer at batch 1)
-    stencils = _uses_stencils(x, guide, coeffs, weights, conv, training=False)
+    stencils = _uses_stencils(x, guide.shape[1], guide.shape[-2] * guide.shape[-1], coeffs, weights, conv[0],
+                              training=False)
     return bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias)[0]
 
 
@@ -336,7 +368,8 @@ class FactoredRegionConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, guide, coeffs, bias, conv, *weights):
         keep = any(ctx.needs_input_grad)
-        stencils = _uses_stencils(x, guide, coeffs, weights, conv, training=keep)
+        stencils = _uses_stencils(x, guide.shape[1], guide.shape[-2] * guide.shape[-1], coeffs, weights, conv[0],
+                                  training=keep)
         out, routing = bucketed_forward(x, guide, coeffs, weights, *conv, stencils=stencils, bias=bias, keep=keep)
         ctx.save_for_backward(x, guide, coeffs, *weights)
         ctx.routing, ctx.conv, ctx.stencils = routing, conv, stencils
@@ -367,13 +400,12 @@ class FactoredRegionConv2d(torch.autograd.Function):
                 *(grad_weights if need_weights else [None] * len(weights)))
 
 
-def _uses_stencils(x, guide, coeffs, weights, conv, training: bool) -> bool:
+def _uses_stencils(x, regions: int, positions: int, coeffs, weights, kernel, training: bool) -> bool:
     """The way :func:`stencils_are_cheaper` chooses for this call (always stencils without coefficients)."""
     if coeffs is None:
         return True
-    kernel = conv[0]
-    return stencils_are_cheaper(len(weights), weights[0].shape[1], x.shape[1], kernel[0] * kernel[1], guide.shape[1],
-                                guide.shape[-2] * guide.shape[-1], x.shape[0], training)
+    return stencils_are_cheaper(len(weights), weights[0].shape[1], x.shape[1], kernel[0] * kernel[1], regions,
+                                positions, x.shape[0], training)
 
 
 def _filters_from_factors(coeffs, weights, kernel) -> torch.Tensor:

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <memory>
 #include <vector>
 
 // The BLAS that torch's CPU build carries (MKL on x86, OpenBLAS elsewhere) exports the Fortran interface: a call
@@ -50,9 +51,10 @@ inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n
 // columns, each row of A is read once and dotted with the (transposed, cached) columns of B.
 constexpr int64_t kSkinnyColumns = 24;
 
-template <typename scalar_t>
-void skinny_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
-                 scalar_t beta, scalar_t* C, int64_t ldc) {
+// row(i) gives row i of A (K values), which may be made on demand (skinny_factored_gemm).
+template <typename scalar_t, typename Row>
+void skinny_gemm_rows(int64_t M, int64_t N, int64_t K, Row row_of, const scalar_t* B, int64_t ldb, scalar_t beta,
+                      scalar_t* C, int64_t ldc) {
   std::vector<scalar_t> columns(N * K);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t j = 0; j < N; ++j) columns[j * K + k] = B[k * ldb + j];
@@ -61,7 +63,7 @@ void skinny_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda
     C[i * ldc + j] = beta == scalar_t(0) ? sum : sum + beta * C[i * ldc + j];
   };
   for (int64_t i = 0; i < M; ++i) {
-    const scalar_t* row = A + i * lda;
+    const scalar_t* row = row_of(i);
     int64_t j = 0;
     for (; j + 4 <= N; j += 4) {  // four columns per pass over the row: each load of A feeds four multiply-adds
       const scalar_t *c0 = columns.data() + j * K, *c1 = c0 + K, *c2 = c1 + K, *c3 = c2 + K;
@@ -87,6 +89,12 @@ void skinny_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda
       store(i, j, sum);
     }
   }
+}
+
+template <typename scalar_t>
+void skinny_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+                 scalar_t beta, scalar_t* C, int64_t ldc) {
+  skinny_gemm_rows(M, N, K, [&](int64_t i) { return A + i * lda; }, B, ldb, beta, C, ldc);
 }
 
 // Row-major C (M x N, row stride ldc) = op(A) (M x K) @ op(B) (K x N) + beta * C, op transposing a matrix stored
@@ -221,6 +229,33 @@ inline void axpy_run(scalar_t* __restrict__ to, const scalar_t* __restrict__ wei
   for (int64_t k = 0; k < count; ++k) to[k] += (kPerPosition ? weights[k] : weights[0]) * from[k * stride];
 }
 
+// The sum of count values, in vector lanes.
+template <typename scalar_t>
+scalar_t sum_of(const scalar_t* values, int64_t count) {
+  scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < count; ++k) sum += values[k];
+  return sum;
+}
+
+// Scratch memory that grows without being filled: std::vector's resize writes every new element, and a forward at
+// batch 1 that makes its filters (megabytes in a wide layer) spent as long in that memset as in making them.
+template <typename T>
+class Scratch {
+ public:
+  void reserve(int64_t size) {
+    if (size > capacity_) {
+      data_.reset(new T[size]);  // default-initialised: arithmetic types are left unwritten
+      capacity_ = size;
+    }
+  }
+  T* data() { return data_.get(); }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  int64_t capacity_ = 0;
+};
+
 // to[i] = from[index[i]] + add, for i < count, where index[i] >= 0; 0 where it is negative (outside the image) when
 // `negatives` says there may be such. Without negatives the loop vectorises into gathers (a conditional load does
 // not, with gcc 12).
@@ -324,10 +359,30 @@ void for_each_stencil_row(const Geometry& g, const scalar_t* coeffs, int64_t reg
   }
 }
 
+// out[i] = the region t < regions whose score scores[t * stride + i] is largest, for i < count (best: count values
+// of scratch): ties to the lowest index and NaN winning, as torch.argmax. Rows of positions are compared region by
+// region, so the comparisons vectorise.
+template <typename scalar_t>
+void argmax_regions(const scalar_t* scores, int64_t stride, int64_t regions, int64_t count, scalar_t* best,
+                    int64_t* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    best[i] = scores[i];
+    out[i] = 0;
+  }
+  for (int64_t t = 1; t < regions; ++t) {
+    const scalar_t* value = scores + t * stride;
+    for (int64_t i = 0; i < count; ++i) {
+      // NaN wins once and stays: a later value never compares greater than a NaN best
+      const bool take = (value[i] > best[i] || (value[i] != value[i] && best[i] == best[i]));
+      best[i] = take ? value[i] : best[i];
+      out[i] = take ? t : out[i];
+    }
+  }
+}
+
 }  // namespace
 
-// The region of each position, (B * P) int64: argmax over dim 1, ties to the lowest index and NaN winning as in
-// torch.argmax. Rows of positions are compared region by region, so the comparisons vectorise.
+// The region of each position, (B * P) int64: argmax over dim 1 (argmax_regions), in runs of positions.
 at::Tensor region_mask(const at::Tensor& guide_in) {
   TORCH_CHECK(guide_in.dim() == 4, "guide must be (B, m, H', W')");
   const at::Tensor guide = guide_in.contiguous();
@@ -342,21 +397,8 @@ at::Tensor region_mask(const at::Tensor& guide_in) {
       scalar_t best[kRun];
       for (int64_t job = begin; job < end; ++job) {
         const int64_t b = job / runs, first = (job % runs) * kRun, count = std::min(kRun, positions - first);
-        const scalar_t* sample = g + b * regions * positions + first;
-        int64_t* out = mask_p + b * positions + first;
-        for (int64_t i = 0; i < count; ++i) {
-          best[i] = sample[i];
-          out[i] = 0;
-        }
-        for (int64_t t = 1; t < regions; ++t) {
-          const scalar_t* value = sample + t * positions;
-          for (int64_t i = 0; i < count; ++i) {
-            // NaN wins once and stays: a later value never compares greater than a NaN best
-            const bool take = (value[i] > best[i] || (value[i] != value[i] && best[i] == best[i]));
-            best[i] = take ? value[i] : best[i];
-            out[i] = take ? t : out[i];
-          }
-        }
+        argmax_regions(g + b * regions * positions + first, positions, regions, count, best,
+                       mask_p + b * positions + first);
       }
     });
   });
@@ -484,32 +526,48 @@ at::Tensor bucket_matmul(const at::Tensor& features, const at::Tensor& offsets,
 // avoids the whole-batch feature and column matrices, whose passes through memory dominate layers with few
 // channels. Ways as in bucketed_forward (Python): stencils (coeffs and stencils), filters made per (sample, region)
 // from the factors (coeffs, not stencils), or given filters (no coeffs; weights (m, O, K), or (m, B, O, K) when
-// per_sample). Blocks run side by side, one thread each.
-at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, const c10::optional<at::Tensor>& coeffs_in,
-                           const std::vector<at::Tensor>& weights_in, bool per_sample, bool stencils,
-                           const std::vector<int64_t>& conv, const c10::optional<at::Tensor>& bias_in,
-                           int64_t block_elements) {
+// per_sample). Blocks run side by side, one thread each. Returns out and the region of each output position
+// (B, H', W'): the argmax of the guided feature `guide`, or, for a pointwise layer given no guided feature, of the
+// guide convolution `guide_weight` (m, C) (+ `guide_bias`) applied to each block's columns as they are routed.
+std::tuple<at::Tensor, at::Tensor> blocked_forward(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& guide_in,
+    const c10::optional<at::Tensor>& guide_weight_in, const c10::optional<at::Tensor>& guide_bias_in,
+    const c10::optional<at::Tensor>& coeffs_in, const std::vector<at::Tensor>& weights_in, bool per_sample,
+    bool stencils, const std::vector<int64_t>& conv, const c10::optional<at::Tensor>& bias_in,
+    int64_t block_elements) {
   const at::Tensor x = x_in.contiguous(), coeffs = optional_contiguous(coeffs_in), bias = optional_contiguous(bias_in);
+  const at::Tensor guide = optional_contiguous(guide_in), guide_weight = optional_contiguous(guide_weight_in);
+  const at::Tensor guide_bias = optional_contiguous(guide_bias_in);
   const std::vector<at::Tensor> weights = last_dim_contiguous(weights_in);
-  const Geometry g = make_geometry(x, conv, guide.size(2), guide.size(3));
+  const bool fused_guide = !guide.defined();
+  TORCH_CHECK(!fused_guide || (guide_weight.defined() && conv[0] == 1 && conv[1] == 1 && conv[2] == 1 &&
+                               conv[3] == 1 && conv[4] == 0 && conv[5] == 0),
+              "blocked_forward: without a guided feature, a guide weight (m, C) and a pointwise layer");
+  const Geometry g = fused_guide ? make_geometry(x, conv, x.size(2), x.size(3))
+                                 : make_geometry(x, conv, guide.size(2), guide.size(3));
   const int64_t batch = g.batch, C = g.channels, T = g.taps(), P = g.positions(), HW = g.pixels();
-  const int64_t regions = guide.size(1), O = weights[0].size(-2);
+  const int64_t regions = fused_guide ? guide_weight.size(0) : guide.size(1), O = weights[0].size(-2);
   const bool with_coeffs = coeffs.defined(), make_filters = with_coeffs && !stencils;
   const int64_t Q = with_coeffs ? coeffs.size(2) : 0;
   const int64_t K = with_coeffs && stencils ? Q * C : C * T;
-  const at::Tensor mask = region_mask(guide);
+  // with a guide weight, each block scores its own positions (the guide convolution of a pointwise layer is a
+  // product with the block's input columns, already in cache) where a guided feature would be a pass through memory
+  const at::Tensor mask = fused_guide ? at::empty({batch * P}, x.options().dtype(at::kLong)) : region_mask(guide);
   // rows per block: features and results of about block_elements, at least one row
   const int64_t rows_per_block = std::max<int64_t>(1, block_elements / ((K + O) * g.out_w));
   const int64_t blocks = (g.out_h + rows_per_block - 1) / rows_per_block;
   at::Tensor out = at::empty({batch, O, g.out_h, g.out_w}, x.options());
-  const int64_t* mask_p = mask.data_ptr<int64_t>();
+  int64_t* mask_p = mask.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "blocked_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gw = fused_guide ? guide_weight.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gb = fused_guide && guide_bias.defined() ? guide_bias.data_ptr<scalar_t>() : nullptr;
     const scalar_t* a = with_coeffs ? coeffs.data_ptr<scalar_t>() : nullptr;
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     auto run = [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> features, results, values, coefs, filters;
+      std::vector<scalar_t> values, coefs, scores, best, filter_row;
+      Scratch<scalar_t> features, results, filters;  // each element written before it is read
       std::vector<int64_t> offsets(regions + 1);
       // order[i]: the block position of column i; column_of: its inverse. int32, so that gathers through them
       // vectorise (the scatter of results is a gather through column_of, with contiguous stores)
@@ -519,13 +577,24 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
       for (int64_t job = begin; job < end; ++job) {
         const int64_t b = job / blocks, row_begin = (job % blocks) * rows_per_block;
         if (make_filters && made_for != b) {  // a thread's blocks of one sample share its filters
-          filters.resize(regions * O * C * T);
+          filters.reserve(regions * O * C * T);
           std::fill(made.begin(), made.end(), 0);
           made_for = b;
         }
         const int64_t row_end = std::min(g.out_h, row_begin + rows_per_block);
         const int64_t p0 = row_begin * g.out_w, n = (row_end - row_begin) * g.out_w;
-        const int64_t* region = mask_p + b * P + p0;
+        int64_t* region = mask_p + b * P + p0;
+        if (fused_guide) {  // scores (m, n) = guide weight (m, C) @ the block's columns of x (C, n), + bias
+          scores.resize(regions * n);
+          best.resize(n);
+          gemm<scalar_t>(false, false, regions, n, C, gw, C, xp + b * C * HW + p0, HW, scalar_t(0), scores.data(), n);
+          if (gb) {
+            for (int64_t t = 0; t < regions; ++t) {
+              for (int64_t i = 0; i < n; ++i) scores[t * n + i] += gb[t];
+            }
+          }
+          argmax_regions(scores.data(), n, regions, n, best.data(), region);
+        }
         // counting sort of the block's positions by region; order holds positions relative to p0
         std::fill(offsets.begin(), offsets.end(), 0);
         for (int64_t j = 0; j < n; ++j) offsets[region[j] + 1]++;
@@ -540,7 +609,7 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
             column_of[j] = column;
           }
         }
-        features.resize(K * n);
+        features.reserve(K * n);
         if (with_coeffs && stencils) {
           coefs.resize(Q * T * n);
           for (int64_t j = 0; j < n; ++j) {
@@ -576,16 +645,31 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
             }
           }
         }
-        results.resize(O * n);
+        results.reserve(O * n);
         for (int64_t t = 0; t < regions; ++t) {
           const int64_t first = offsets[t], count = offsets[t + 1] - offsets[t];
           if (count == 0) continue;
           if (make_filters) {  // filter[o, c * T + tap] = sum_q coeffs[b, t, q, tap] * weights[q][t][o, c]
+            std::vector<const scalar_t*> factor(Q);  // (O, C) matrices with rows of C: weights from unbind
+            for (int64_t q = 0; q < Q; ++q) factor[q] = matrix<scalar_t>(weights[q], t).data;
+            const scalar_t* coef = a + (b * regions + t) * Q * T;
+            if (count <= kSkinnyColumns && !made[t]) {
+              // few columns (a small map at batch 1): each row of the filter made as it is used, in L1, so the
+              // factors are read once and no filter goes out to memory and back
+              std::vector<const scalar_t*> factor_row(Q);
+              filter_row.resize(C * T);
+              auto row_of = [&](int64_t o) {
+                for (int64_t q = 0; q < Q; ++q) factor_row[q] = factor[q] + o * C;
+                make_filter(factor_row, coef, Q, T, C, filter_row.data());
+                return static_cast<const scalar_t*>(filter_row.data());
+              };
+              skinny_gemm_rows(O, count, C * T, row_of, features.data() + first, n, scalar_t(0),
+                               results.data() + first, n);
+              continue;
+            }
             scalar_t* filter = filters.data() + t * O * C * T;
             if (!made[t]) {
-              std::vector<const scalar_t*> factor(Q);  // (O, C) matrices with rows of C: weights from unbind
-              for (int64_t q = 0; q < Q; ++q) factor[q] = matrix<scalar_t>(weights[q], t).data;
-              make_filter(factor, a + (b * regions + t) * Q * T, Q, T, O * C, filter);
+              make_filter(factor, coef, Q, T, O * C, filter);
               made[t] = 1;
             }
             gemm<scalar_t>(false, false, O, count, C * T, filter, C * T, features.data() + first, n, scalar_t(0),
@@ -613,7 +697,42 @@ at::Tensor blocked_forward(const at::Tensor& x_in, const at::Tensor& guide, cons
       at::parallel_for(0, batch * blocks, 1, run);
     }
   });
-  return out;
+  return {out, mask.view({batch, g.out_h, g.out_w})};
+}
+
+// DynamicFilterGenerator.factors of a 1x1 layer in one call, for forwards that nothing will differentiate (at batch
+// 1 its ten torch calls cost more than their arithmetic): coefficients (B, m, Q + 1, 1), [s, 1] per region, with
+// s = sigmoid(hidden_weight (H, C) @ the mean of x over its pixels + hidden_bias), H = m * Q, grouped Q per region.
+at::Tensor pointwise_coefficients(const at::Tensor& x_in, const at::Tensor& hidden_weight_in,
+                                  const c10::optional<at::Tensor>& hidden_bias_in, int64_t regions) {
+  const at::Tensor x = x_in.contiguous(), weight = hidden_weight_in.contiguous();
+  const at::Tensor hidden_bias = optional_contiguous(hidden_bias_in);
+  const int64_t batch = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), H = weight.size(0), Q = H / regions;
+  TORCH_CHECK(weight.size(1) == C && H % regions == 0, "pointwise_coefficients: hidden weight (m * Q, C)");
+  at::Tensor coeffs = at::empty({batch, regions, Q + 1, 1}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_coefficients", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* hb = hidden_bias.defined() ? hidden_bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = coeffs.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> pooled(C);
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* channel = xp + (b * C + c) * HW;
+          pooled[c] = static_cast<double>(sum_of(channel, HW)) / static_cast<double>(HW);
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          double value = hb ? static_cast<double>(hb[h]) : 0.0;
+          for (int64_t c = 0; c < C; ++c) value += static_cast<double>(w[h * C + c]) * pooled[c];
+          const int64_t t = h / Q, q = h % Q;
+          out[(b * regions + t) * (Q + 1) + q] = static_cast<scalar_t>(1.0 / (1.0 + std::exp(-value)));
+        }
+        for (int64_t t = 0; t < regions; ++t) out[(b * regions + t) * (Q + 1) + Q] = scalar_t(1);
+      }
+    });
+  });
+  return coeffs;
 }
 
 // The adjoint of bucket_matmul: (grad of features, grads of weights...); each is computed when asked.
@@ -902,6 +1021,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_features", &gather_features);
   m.def("bucket_matmul", &bucket_matmul);
   m.def("blocked_forward", &blocked_forward);
+  m.def("pointwise_coefficients", &pointwise_coefficients);
   m.def("bucket_matmul_backward", &bucket_matmul_backward);
   m.def("factored_filter_matmul", &factored_filter_matmul);
   m.def("scatter_columns", &scatter_columns);
