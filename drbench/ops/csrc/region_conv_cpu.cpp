@@ -16,6 +16,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -566,7 +567,8 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     auto run = [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> values, coefs, scores, best, filter_row;
+      std::vector<scalar_t> values, coefs, scores, best, filter_row, padded;
+      std::vector<int32_t> padded_order;
       Scratch<scalar_t> features, results, filters;  // each element written before it is read
       std::vector<int64_t> offsets(regions + 1);
       // order[i]: the block position of column i; column_of: its inverse. int32, so that gathers through them
@@ -610,7 +612,42 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(
           }
         }
         features.reserve(K * n);
-        if (with_coeffs && stencils) {
+        if (with_coeffs && stencils && g.sh == 1 && g.sw == 1) {
+          // Stride 1: each channel copied into a zero-padded block of rows (row length Wp), the stencils computed at
+          // every padded position of the block's output rows (Wp - out_w of them per row are never read), so that a
+          // tap is one vector loop over the whole block instead of a short loop per row and tap.
+          const int64_t Wp = g.width + 2 * g.pw, rows = row_end - row_begin, in_rows = rows + g.dh * (g.kh - 1);
+          const int64_t np = rows * Wp;
+          padded.resize(in_rows * Wp + Wp);  // a last row's taps read up to dw * (kw - 1) < Wp past its end
+          std::fill(padded.begin(), padded.end(), scalar_t(0));
+          coefs.assign(Q * T * np, scalar_t(0));
+          padded_order.resize(n);
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t at = (j / g.out_w) * Wp + j % g.out_w;
+            const scalar_t* coef = a + (b * regions + region[j]) * Q * T;
+            for (int64_t k = 0; k < Q * T; ++k) coefs[k * np + at] = coef[k];
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            padded_order[i] = static_cast<int32_t>((order[i] / g.out_w) * Wp + order[i] % g.out_w);
+          }
+          values.resize(np);
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* channel = xp + (b * C + c) * HW;
+            for (int64_t r = 0; r < in_rows; ++r) {  // padded row r is input row row_begin - ph + r
+              const int64_t h = row_begin - g.ph + r;
+              if (h >= 0 && h < g.height) std::copy(channel + h * g.width, channel + (h + 1) * g.width,
+                                                    padded.data() + r * Wp + g.pw);
+            }
+            for (int64_t q = 0; q < Q; ++q) {
+              std::fill(values.begin(), values.end(), scalar_t(0));
+              for (int64_t tap = 0; tap < T; ++tap) {
+                const int64_t shift = (tap / g.kw) * g.dh * Wp + (tap % g.kw) * g.dw;
+                axpy_run<true>(values.data(), coefs.data() + (q * T + tap) * np, padded.data() + shift, np, 1);
+              }
+              gather(features.data() + (q * C + c) * n, values.data(), padded_order.data(), n, false);
+            }
+          }
+        } else if (with_coeffs && stencils) {
           coefs.resize(Q * T * n);
           for (int64_t j = 0; j < n; ++j) {
             const scalar_t* coef = a + (b * regions + region[j]) * Q * T;
