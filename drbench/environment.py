@@ -24,6 +24,7 @@ import drbench
 from drbench.measure.allocator import hold_freed_memory
 from drbench.ops.drconv import default_drconv_impl
 from drbench.ops.functional import default_region_conv_impl
+from drbench.ops.region_conv_cpu import blas as compiled_blas
 
 _SOURCE_DIR = Path(drbench.__file__).resolve().parent
 
@@ -52,6 +53,7 @@ def capture_environment(device: str | torch.device) -> dict:
         # region_conv2d implementation (mixture generator) and the layer's path (dynamic and static generators).
         "region_conv_impl": default_region_conv_impl(device.type),
         "drconv_impl": default_drconv_impl(device.type),
+        "drconv_blas": compiled_blas(),  # the compiled kernels' products (None without them)
         # timing holds freed memory (no page faults per call); a process that measures has set it already
         "allocator": hold_freed_memory(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

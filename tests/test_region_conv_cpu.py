@@ -218,3 +218,28 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path):
     env.pop("DRBENCH_NO_COMPILE", None)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_without_openblas_the_kernels_build_on_torchs_blas_and_match_the_reference(tmp_path):
+    # a fresh build (about 40 s) in a process where scipy-openblas32 cannot be imported
+    code = ("import sys, torch\n"
+            "sys.modules['scipy_openblas32'] = None\n"
+            "from drbench.ops import region_conv_cpu\n"
+            "from drbench.ops.drconv import DRConv2d\n"
+            "assert region_conv_cpu.blas().startswith(\"torch's BLAS\"), region_conv_cpu.blas()\n"
+            "layer = DRConv2d(12, 10, 1, regions=4, init='independent').double()\n"
+            "x = torch.randn(3, 12, 9, 9, dtype=torch.float64)\n"
+            "with torch.no_grad():\n"
+            "    out = layer(x)\n"
+            "    layer.impl = 'reference'\n"
+            "    torch.testing.assert_close(out, layer(x), rtol=1e-10, atol=1e-10)\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    env.pop("DRBENCH_NO_COMPILE", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_kernels_say_which_blas_they_call():
+    expected = "OpenBLAS" if region_conv_cpu._openblas() is not None else "torch's BLAS"
+    assert region_conv_cpu.blas().startswith(expected)

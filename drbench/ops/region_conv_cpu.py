@@ -93,7 +93,12 @@ def extension() -> ModuleType | None:
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT": the build targets it
     arch = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}.get(capability, [])
     flags = ["-O3", "-fopenmp", *arch]
-    stamp = hashlib.sha256("\0".join([_SOURCE.read_text(), *flags, torch.__version__]).encode()).hexdigest()[:16]
+    ldflags = ["-fopenmp"]
+    openblas = _openblas()
+    if openblas is not None:
+        flags.append("-DDRBENCH_OPENBLAS")
+        ldflags += [f"-L{openblas.get_lib_dir()}", f"-l{openblas.get_library()}", f"-Wl,-rpath,{openblas.get_lib_dir()}"]
+    stamp = hashlib.sha256("\0".join([_SOURCE.read_text(), *flags, *ldflags, torch.__version__]).encode()).hexdigest()[:16]
     name = f"drbench_region_conv_cpu_{capability.lower()}_{stamp}"
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
     built = folder / f"{name}.so"
@@ -105,13 +110,31 @@ def extension() -> ModuleType | None:
             return module
         folder.mkdir(parents=True, exist_ok=True)
         return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
-                                  extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+                                  extra_ldflags=ldflags, build_directory=str(folder), verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no headers, a failed build: all mean "not here"
         lines = str(error).strip().splitlines()
         warnings.warn(f"drbench: the compiled region convolution could not be built ({type(error).__name__}: "
                       f"{lines[-1] if lines else ''}); using the pure-torch implementations, which are slower",
                       RuntimeWarning, stacklevel=2)
         return None
+
+
+def _openblas() -> ModuleType | None:
+    """The scipy-openblas32 package (OpenBLAS with prefixed symbols, so it cannot clash with torch's MKL), whose
+    GEMMs the kernels call where they run on one thread; None where it is not installed (the kernels then use
+    torch's BLAS throughout)."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    return scipy_openblas32
+
+
+def blas() -> str | None:
+    """Which BLAS the compiled kernels' products call (a result record's ``env.drconv_blas``); None without the
+    kernels."""
+    ext = extension()
+    return None if ext is None else ext.blas()
 
 
 def available() -> bool:

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <string>
 #include <vector>
 
 // The BLAS that torch's CPU build carries (MKL on x86, OpenBLAS elsewhere) exports the Fortran interface: a call
@@ -33,17 +34,44 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldc);
 }
 
+// With DRBENCH_OPENBLAS (the scipy-openblas32 package found at build time), products that run on one thread go
+// to OpenBLAS: on the development VM's AMD cores MKL runs its generic kernels, about 44 G multiply-adds/s per core on
+// a (116 x 116) @ (116 x 98) product, where OpenBLAS's AVX-512 kernels run 87 (Haswell's AVX2 kernels: 54).
+// OpenBLAS is kept to one thread; products outside a parallel region with several threads stay with MKL, which
+// threads them itself.
+#ifdef DRBENCH_OPENBLAS
+extern "C" {
+void scipy_sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                  const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                  const float* beta, float* c, const int* ldc);
+void scipy_dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                  const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+                  const double* beta, double* c, const int* ldc);
+void scipy_openblas_set_num_threads(int threads);
+char* scipy_openblas_get_corename();
+}
+#endif
+
 namespace {
+
+// Whether this product runs on one thread: inside a parallel loop of ours, or with torch on one thread.
+inline bool on_one_thread() { return at::in_parallel_region() || at::get_num_threads() == 1; }
 
 inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
                       const int* ldc) {
+#ifdef DRBENCH_OPENBLAS
+  if (on_one_thread()) return scipy_sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#endif
   sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
                       const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
                       const int* ldc) {
+#ifdef DRBENCH_OPENBLAS
+  if (on_one_thread()) return scipy_dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#endif
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
@@ -1053,7 +1081,21 @@ at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& st
   return scores;
 }
 
+// Which BLAS the single-threaded products call, as result records describe it.
+std::string blas() {
+#ifdef DRBENCH_OPENBLAS
+  return std::string("OpenBLAS (scipy-openblas32, ") + scipy_openblas_get_corename() +
+         " kernels) on one thread, MKL for threaded products";
+#else
+  return "torch's BLAS (MKL on x86)";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef DRBENCH_OPENBLAS
+  scipy_openblas_set_num_threads(1);  // our loops own the threads
+#endif
+  m.def("blas", &blas);
   m.def("route", &route);
   m.def("gather_features", &gather_features);
   m.def("bucket_matmul", &bucket_matmul);
