@@ -121,8 +121,7 @@ def extension() -> ModuleType | None:
 
 def _openblas() -> ModuleType | None:
     """The scipy-openblas32 package (OpenBLAS with prefixed symbols, so it cannot clash with torch's MKL), whose
-    GEMMs the kernels call where they run on one thread; None where it is not installed (the kernels then use
-    torch's BLAS throughout)."""
+    GEMMs the kernels call, one thread each; None where it is not installed (the kernels then use torch's BLAS)."""
     try:
         import scipy_openblas32
     except ImportError:

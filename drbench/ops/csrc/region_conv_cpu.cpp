@@ -37,8 +37,8 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 // With DRBENCH_OPENBLAS (the scipy-openblas32 package found at build time), products that run on one thread go
 // to OpenBLAS: on the development VM's AMD cores MKL runs its generic kernels, about 44 G multiply-adds/s per core on
 // a (116 x 116) @ (116 x 98) product, where OpenBLAS's AVX-512 kernels run 87 (Haswell's AVX2 kernels: 54).
-// OpenBLAS is kept to one thread; products outside a parallel region with several threads stay with MKL, which
-// threads them itself.
+// OpenBLAS is kept to one thread; a product outside our parallel loops, with torch on several threads, is split
+// between torch's threads by columns (gemm).
 #ifdef DRBENCH_OPENBLAS
 extern "C" {
 void scipy_sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -57,20 +57,26 @@ namespace {
 // Whether this product runs on one thread: inside a parallel loop of ours, or with torch on one thread.
 inline bool on_one_thread() { return at::in_parallel_region() || at::get_num_threads() == 1; }
 
+#ifdef DRBENCH_OPENBLAS
+constexpr bool kOpenBLAS = true;
+#else
+constexpr bool kOpenBLAS = false;
+#endif
+
 inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                      const int* ldc) {
+                      const int* ldc, bool openblas) {
 #ifdef DRBENCH_OPENBLAS
-  if (on_one_thread()) return scipy_sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (openblas) return scipy_sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif
   sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
                       const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-                      const int* ldc) {
+                      const int* ldc, bool openblas) {
 #ifdef DRBENCH_OPENBLAS
-  if (on_one_thread()) return scipy_dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (openblas) return scipy_dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -126,8 +132,11 @@ void skinny_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda
   skinny_gemm_rows(M, N, K, [&](int64_t i) { return A + i * lda; }, B, ldb, beta, C, ldc);
 }
 
+// The fewest columns (or rows) of a product that a thread of our own takes on with OpenBLAS.
+constexpr int64_t kColumnsPerTask = 32;
+
 // Row-major C (M x N, row stride ldc) = op(A) (M x K) @ op(B) (K x N) + beta * C, op transposing a matrix stored
-// row-major with row stride lda / ldb; a column-major BLAS computes it as C^T = op(B)^T op(A)^T.
+// row-major with row stride lda / ldb.
 template <typename scalar_t>
 void gemm(bool transpose_a, bool transpose_b, int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
           const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
@@ -142,11 +151,29 @@ void gemm(bool transpose_a, bool transpose_b, int64_t M, int64_t N, int64_t K, c
     skinny_gemm(M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(std::max<int64_t>(1, lda)), lb = static_cast<int>(std::max<int64_t>(1, ldb));
-  const int lc = static_cast<int>(std::max<int64_t>(1, ldc));
-  const scalar_t one = 1;
-  blas_gemm(transpose_b ? "T" : "N", transpose_a ? "T" : "N", &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+  // a column-major BLAS computes C^T = op(B)^T op(A)^T; `openblas`: OpenBLAS on this thread, else torch's BLAS
+  auto product = [&](int64_t rows, int64_t columns, const scalar_t* a, const scalar_t* b, scalar_t* c, bool openblas) {
+    const int m = static_cast<int>(columns), n = static_cast<int>(rows), k = static_cast<int>(K);
+    const int la = static_cast<int>(std::max<int64_t>(1, lda)), lb = static_cast<int>(std::max<int64_t>(1, ldb));
+    const int lc = static_cast<int>(std::max<int64_t>(1, ldc));
+    const scalar_t one = 1;
+    blas_gemm(transpose_b ? "T" : "N", transpose_a ? "T" : "N", &m, &n, &k, &one, b, &lb, a, &la, &beta, c, &lc,
+              openblas);
+  };
+  const bool one_thread = on_one_thread();
+  if (kOpenBLAS && !one_thread) {  // torch's threads each run OpenBLAS on a share of C's columns (or rows, if fewer)
+    if (N >= M) {
+      at::parallel_for(0, N, kColumnsPerTask, [&](int64_t begin, int64_t end) {
+        product(M, end - begin, A, transpose_b ? B + begin * ldb : B + begin, C + begin, true);
+      });
+    } else {
+      at::parallel_for(0, M, kColumnsPerTask, [&](int64_t begin, int64_t end) {
+        product(end - begin, N, transpose_a ? A + begin : A + begin * lda, B, C + begin * ldc, true);
+      });
+    }
+    return;
+  }
+  product(M, N, A, B, C, kOpenBLAS);
 }
 
 // One matrix of a weight tensor whose last dimension is contiguous: its first element and row stride.
@@ -1085,7 +1112,7 @@ at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& st
 std::string blas() {
 #ifdef DRBENCH_OPENBLAS
   return std::string("OpenBLAS (scipy-openblas32, ") + scipy_openblas_get_corename() +
-         " kernels) on one thread, MKL for threaded products";
+         " kernels), one thread per share of a product";
 #else
   return "torch's BLAS (MKL on x86)";
 #endif
