@@ -477,6 +477,9 @@ def _factored_guide_gradient(grad_out, x, guide, coeffs, weights, filters, conv)
                                                                                              -1)
         elif filters is None:
             filters = _filters_from_factors(coeffs, weights, kernel)
-        geometry = _Geometry.of(x, guide, filters, stride, padding, dilation)
-        scores = _region_scores(geometry, x, filters, grad_out.flatten(2)).view_as(guide)
+        if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):  # each region's product blockwise, in cache
+            scores = extension().pointwise_region_scores(grad_out, x, _per_segment(filters)).view_as(guide)
+        else:
+            geometry = _Geometry.of(x, guide, filters, stride, padding, dilation)
+            scores = _region_scores(geometry, x, filters, grad_out.flatten(2)).view_as(guide)
     return guide_gradient(guide, scores)

@@ -1049,6 +1049,53 @@ at::Tensor features_backward_coeffs(const at::Tensor& grad_features, const at::T
   return grad;
 }
 
+// g of Eq. 7 for a pointwise layer (1x1, stride 1, no padding) with per-sample filters (m, B, O, C), (B, m, P): for
+// every region j at every position, sum_o grad_out[o, p] * (filter j @ x[:, p])[o], or, when C < O, the same as
+// sum_c x[c, p] * (filter j^T @ grad_out[:, p])[c]. A sample's positions a block at a time, one region's product
+// and its reduction while the block is in cache: m convolutions of multiply-adds and no (m * O, P) tensor. A sample
+// owns its scores.
+at::Tensor pointwise_region_scores(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& filters_in) {
+  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor filters = filters_in.stride(-1) == 1 ? filters_in : filters_in.contiguous();
+  const int64_t regions = filters.size(0), batch = filters.size(1), O = filters.size(2), C = filters.size(3);
+  const int64_t P = x.size(2) * x.size(3);
+  TORCH_CHECK(grad.size(1) == O && x.size(1) == C && grad.size(2) * grad.size(3) == P,
+              "pointwise_region_scores: grad_out (B, O, H, W), x (B, C, H, W), filters (m, B, O, C)");
+  at::Tensor scores = at::empty({batch, regions, P}, x.options());
+  const bool by_outputs = O <= C;  // multiply the narrower side
+  const int64_t rows = by_outputs ? O : C, block = std::max<int64_t>(16, (1 << 16) / rows);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_region_scores", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* out = scores.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> product(rows * block);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* gb = g + b * O * P;
+        const scalar_t* xb = xp + b * C * P;
+        for (int64_t p0 = 0; p0 < P; p0 += block) {
+          const int64_t n = std::min(block, P - p0);
+          for (int64_t t = 0; t < regions; ++t) {
+            const Matrix<scalar_t> f = matrix<scalar_t>(filters, t, b);  // (O, C)
+            const scalar_t* other = by_outputs ? gb + p0 : xb + p0;      // what the product is dotted with
+            if (by_outputs) {
+              gemm<scalar_t>(false, false, O, n, C, f.data, f.stride, xb + p0, P, scalar_t(0), product.data(), n);
+            } else {
+              gemm<scalar_t>(true, false, C, n, O, f.data, f.stride, gb + p0, P, scalar_t(0), product.data(), n);
+            }
+            scalar_t* score = out + (b * regions + t) * P + p0;
+            std::fill(score, score + n, scalar_t(0));
+            for (int64_t r = 0; r < rows; ++r) {
+              axpy_run<true>(score, product.data() + r * n, other + r * P, n, 1);
+            }
+          }
+        }
+      }
+    });
+  });
+  return scores;
+}
+
 // g of Eq. 7 for stencil filters, (B, m, H', W'): for every region j at every position,
 // sum_q <weights[q][j]^T grad_out, sum_tap coeffs[b, j, q, tap] * x at the tap>. The back-projections of all
 // (j, q) are one GEMM of stacked (m * Q * C, O) weights against grad_out's columns, a group of samples at a time;
@@ -1135,4 +1182,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("features_backward_input", &features_backward_input);
   m.def("features_backward_coeffs", &features_backward_coeffs);
   m.def("stencil_region_scores", &stencil_region_scores);
+  m.def("pointwise_region_scores", &pointwise_region_scores);
 }
