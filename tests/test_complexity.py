@@ -131,6 +131,17 @@ def test_the_structured_path_reports_what_its_kernels_execute():
     assert cost.executed_flops == 2 * (gemms + guide + batch * hidden * c * k * k)
 
 
+def test_a_pointwise_layer_without_autograd_reports_what_its_fused_kernels_execute():
+    # Filters made per (sample, region) from Q + 1 = 3 factors, the guide scored inside the kernel, the generator's
+    # hidden conv in one compiled call: each reported, none seen by FlopCounterMode as a torch operator.
+    batch, c, o, m, hidden, hw = 2, 6, 5, 4, 8, 8
+    layer = DRConv2d(c, o, 1, regions=m, hidden_channels=hidden, impl="structured")
+    cost = count(layer, (c, hw, hw), batch_size=batch)
+    filters = batch * (hw**2 * o * c + m * (hidden // m + 1) * o * c)
+    guide = batch * hw**2 * m * c
+    assert cost.executed_flops == 2 * (filters + guide + batch * hidden * c)
+
+
 def test_drconv_counts_the_selected_filter_conv_guide_and_generator():
     batch, c, o, k, m, hidden, out_hw = 2, 6, 5, 3, 4, 8, 5
     layer = DRConv2d(c, o, k, stride=2, padding=1, regions=m, hidden_channels=hidden, impl="reference")

@@ -28,7 +28,7 @@ from torch.nn.modules.utils import _pair
 from drbench.ops.functional import default_region_conv_impl, region_conv2d, region_conv_impls
 from drbench.ops.region_conv_base import conv_output_size
 from drbench.ops.region_conv_cpu import available as compiled_kernels_available, extension as compiled_kernels
-from drbench.ops.region_conv_cpu import factored_region_conv2d, pointwise_forward
+from drbench.ops.region_conv_cpu import counting_dispatch, executed_macs, factored_region_conv2d, pointwise_forward
 from drbench.ops.registry import register_op
 
 GENERATORS = ("dynamic", "static", "mixture")
@@ -154,6 +154,8 @@ class DynamicFilterGenerator(nn.Module):
                 and not _differentiated(x, self)):  # one compiled call where ten torch calls cost more
             hidden = self.hidden
             coeffs = compiled_kernels().pointwise_coefficients(x, hidden.weight.flatten(1), hidden.bias, regions)
+            if counting_dispatch():  # the hidden conv's product, which FlopCounterMode cannot see in the kernel
+                executed_macs(x, x.shape[0] * hidden.out_channels * hidden.in_channels)
         else:
             hidden = torch.sigmoid(self.hidden_units(x)).view(x.shape[0], regions, per_region, -1)
             coeffs = F.pad(hidden, (0, 0, 0, 1), value=1.0)  # the bias term's coefficient, 1 at every tap
