@@ -20,6 +20,10 @@ from Eq. 6-8, whose region scores need every region's response everywhere: from 
 against every region's stacked weights, then stencils) or from materialised filters (fast's batched products),
 whichever :func:`factored_scores_are_cheaper` says.
 
+A pointwise layer without autograd goes further (:func:`pointwise_forward`): its guide convolution is scored in the
+same kernel, block by block. The kernels' matrix products call OpenBLAS where the ``scipy-openblas32`` package is
+installed (:func:`blas` says which BLAS they use), torch's BLAS otherwise.
+
 Where the extension cannot be built (no compiler, no headers), :func:`extension` warns once and returns None;
 callers then use the pure-torch implementations. ``DRBENCH_NO_COMPILE=1`` forces that.
 

@@ -34,8 +34,8 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldc);
 }
 
-// With DRBENCH_OPENBLAS (the scipy-openblas32 package found at build time), products that run on one thread go
-// to OpenBLAS: on the development VM's AMD cores MKL runs its generic kernels, about 44 G multiply-adds/s per core on
+// With DRBENCH_OPENBLAS (the scipy-openblas32 package found at build time), the products go to OpenBLAS: on the
+// development VM's AMD cores MKL runs its generic kernels, about 44 G multiply-adds/s per core on
 // a (116 x 116) @ (116 x 98) product, where OpenBLAS's AVX-512 kernels run 87 (Haswell's AVX2 kernels: 54).
 // OpenBLAS is kept to one thread; a product outside our parallel loops, with torch on several threads, is split
 // between torch's threads by columns (gemm).
@@ -86,7 +86,7 @@ inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n
 // columns, each row of A is read once and dotted with the (transposed, cached) columns of B.
 constexpr int64_t kSkinnyColumns = 24;
 
-// row(i) gives row i of A (K values), which may be made on demand (skinny_factored_gemm).
+// row(i) gives row i of A (K values), which may be made on demand (blocked_forward's factored filters).
 template <typename scalar_t, typename Row>
 void skinny_gemm_rows(int64_t M, int64_t N, int64_t K, Row row_of, const scalar_t* B, int64_t ldb, scalar_t beta,
                       scalar_t* C, int64_t ldc) {
@@ -1155,7 +1155,7 @@ at::Tensor stencil_region_scores(const at::Tensor& grad_in, const at::Tensor& st
   return scores;
 }
 
-// Which BLAS the single-threaded products call, as result records describe it.
+// Which BLAS the products call, as result records describe it.
 std::string blas() {
 #ifdef DRBENCH_OPENBLAS
   return std::string("OpenBLAS (scipy-openblas32, ") + scipy_openblas_get_corename() +
