@@ -9,7 +9,8 @@ Needs a quiet machine, like every timing here (notes/verify17.sh prints the host
 
 from __future__ import annotations
 
-from typing import Callable
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,34 +19,18 @@ from drbench.measure.timing import fixed_threads, paired_ratio, time_interleaved
 from drbench.ops import DRConv2d
 from drbench.ops.region_conv_cpu import blas
 
-
-def forward(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    module.eval()
-
-    def run() -> torch.Tensor:
-        with torch.inference_mode():
-            return module(x)
-
-    return run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from test_drconv_bench import forward_call, training_call  # noqa: E402  (the benchmarks' own callables)
 
 
-def training_step(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def training_step(module: nn.Module, x: torch.Tensor):
     """Forward, backward (the input's gradient too, as inside a network) and an SGD step."""
-    module.train()
-    leaf = x.detach().requires_grad_(True)
-    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
-
-    def run() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        module(leaf).square().mean().backward()
-        optimizer.step()
-
-    return run
+    return training_call(module, x, input_grad=True)
 
 
 CASES = (  # name, batch, channels, size, what to time, threads
-    ("1x1, B1, C=O=116, 28x28, fwd", 1, 116, 28, forward, 1),
-    ("1x1, B1, C=O=464, 7x7, fwd", 1, 464, 7, forward, 1),
+    ("1x1, B1, C=O=116, 28x28, fwd", 1, 116, 28, forward_call, 1),
+    ("1x1, B1, C=O=464, 7x7, fwd", 1, 464, 7, forward_call, 1),
     ("1x1, B32, C=O=48, 8x8, fwd+bwd", 32, 48, 8, training_step, 2),
     ("1x1, B32, C=O=96, 4x4, fwd+bwd", 32, 96, 4, training_step, 2),
 )
