@@ -623,6 +623,8 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(
     scalar_t* op = out.data_ptr<scalar_t>();
     auto run = [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> values, coefs, scores, best, filter_row, padded;
+      // a region's (O, C) factor matrices (rows of C: weights from unbind), and one row of each
+      std::vector<const scalar_t*> factor(Q), factor_row(Q);
       std::vector<int32_t> padded_order;
       Scratch<scalar_t> features, results, filters;  // each element written before it is read
       std::vector<int64_t> offsets(regions + 1);
@@ -742,13 +744,11 @@ std::tuple<at::Tensor, at::Tensor> blocked_forward(
           const int64_t first = offsets[t], count = offsets[t + 1] - offsets[t];
           if (count == 0) continue;
           if (make_filters) {  // filter[o, c * T + tap] = sum_q coeffs[b, t, q, tap] * weights[q][t][o, c]
-            std::vector<const scalar_t*> factor(Q);  // (O, C) matrices with rows of C: weights from unbind
             for (int64_t q = 0; q < Q; ++q) factor[q] = matrix<scalar_t>(weights[q], t).data;
             const scalar_t* coef = a + (b * regions + t) * Q * T;
             if (count <= kSkinnyColumns && !made[t]) {
               // few columns (a small map at batch 1): each row of the filter made as it is used, in L1, so the
               // factors are read once and no filter goes out to memory and back
-              std::vector<const scalar_t*> factor_row(Q);
               filter_row.resize(C * T);
               auto row_of = [&](int64_t o) {
                 for (int64_t q = 0; q < Q; ++q) factor_row[q] = factor[q] + o * C;
