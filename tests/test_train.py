@@ -167,6 +167,28 @@ def test_dynamic_operators_train_deterministically(op, options):
         assert torch.equal(tensor, again.model.state_dict()[name]), name
 
 
+def test_clipping_bounds_the_gradient_norm_of_a_step():
+    initial: dict[str, torch.Tensor] = {}
+
+    def build() -> nn.Module:
+        model = tiny_cnn()
+        initial.update({name: p.detach().clone() for name, p in model.named_parameters()})
+        return model
+
+    # one plain SGD step at lr 0.5 (the linear decay's value half-way through a one-step run): the step is the
+    # clipped gradient times the rate
+    plain = {"epochs": 1, "batch_size": 64, "lr": 1.0, "warmup_epochs": 0, "momentum": 0, "nesterov": False,
+             "weight_decay": 0, "augment": False}
+
+    def step_norm(clip: float) -> float:
+        recipe = TrainRecipe(**plain, clip_grad_norm=clip)
+        model = train(build, colour_dataset(64, 0), colour_dataset(32, 1, "test"), recipe, seed=0).model
+        return torch.cat([(p.detach() - initial[name]).flatten() for name, p in model.named_parameters()]).norm().item()
+
+    assert step_norm(1e-3) == pytest.approx(0.5e-3, rel=1e-4)
+    assert step_norm(0) > 100 * 0.5e-3  # without clipping: the whole gradient
+
+
 def test_a_diverged_run_is_recorded_not_raised():
     result = train(tiny_cnn, colour_dataset(64, 0), colour_dataset(32, 1, "test"),
                    TrainRecipe(epochs=3, batch_size=32, lr=1e30), seed=0).result

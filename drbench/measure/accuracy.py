@@ -70,6 +70,8 @@ class TrainRecipe(BaseModel):
     # ShuffleNetV2's seeds 0-2 reached 32.9 / 31.1 / 34.8% (0.5 epoch: seed 1 10.4%; lr 0.03 instead: 11.4%)
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up from 0 to lr")
     schedule: Literal["linear", "cosine"] = Field("linear", description="decay to 0 after the warm-up")
+    clip_grad_norm: float = Field(
+        0.0, ge=0, description="the largest norm of a step's gradient over all parameters (0: no clipping)")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     augment: bool = Field(True, description="random crop with padding, and horizontal flips where labels allow")
     time_budget_s: float | None = Field(None, gt=0, description="stop training after this long (not reproducible)")
@@ -222,6 +224,9 @@ def train(
                     loss = criterion(model(inputs), labels)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if recipe.clip_grad_norm:
+                    scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
+                    nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
                 if trace is not None:
                     trace.before_update(model)
                 scaler.step(optimizer)
