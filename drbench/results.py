@@ -42,10 +42,11 @@ import fcntl
 import json
 import os
 import socket
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import IO, Any, Iterator, Mapping
 
 import pandas as pd
 from pydantic import ValidationError
@@ -131,8 +132,7 @@ class ResultsStore:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
+                holder = _read_holder(handle)
                 raise StoreLockedError(
                     f"{self.directory} is in use by {holder}; wait for that run to finish or choose another "
                     "--results-dir"
@@ -143,6 +143,7 @@ class ResultsStore:
             try:
                 yield
             finally:
+                handle.truncate(0)  # a later run that finds the folder locked never reads this run's name
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def holder(self) -> str | None:
@@ -154,9 +155,24 @@ class ResultsStore:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return handle.read().strip() or "another process"
+                return _read_holder(handle)
             fcntl.flock(handle, fcntl.LOCK_UN)
         return None
+
+
+def _read_holder(handle: IO[str], patience_s: float = 1.0) -> str:
+    """The name the lock's holder wrote into ``handle``.
+
+    The holder writes its name just after it takes the lock, so a run that finds the lock taken may read the file
+    before the name is there: wait up to ``patience_s`` for it.
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        handle.seek(0)
+        holder = handle.read().strip()
+        if holder or time.monotonic() > deadline:
+            return holder or "another process"
+        time.sleep(0.02)
 
 
 def result_files(path: str | Path) -> list[Path]:

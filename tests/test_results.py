@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import threading
 
 import pytest
 
@@ -121,6 +123,28 @@ def test_a_second_writer_of_the_same_suite_is_refused(tmp_path):
                 pass
     with store.lock():  # released
         pass
+
+
+
+def test_a_refused_run_names_a_holder_that_has_not_written_its_name_yet(tmp_path):
+    # the holder takes the lock, then writes its name: a run refused in between waits for the name
+    (tmp_path / "s").mkdir()
+    with (tmp_path / "s" / ".lock").open("a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        writer = threading.Timer(0.2, lambda: (holder.write("drbench run (pid 1 on elsewhere)"), holder.flush()))
+        writer.start()
+        with pytest.raises(StoreLockedError, match=r"in use by drbench run \(pid 1 on elsewhere\)"):
+            with ResultsStore(tmp_path / "s").lock():
+                pass
+        writer.join()
+    assert ResultsStore(tmp_path / "s").holder() is None
+
+
+def test_a_released_lock_forgets_its_holder(tmp_path):
+    store = ResultsStore(tmp_path / "s")
+    with store.lock():
+        pass
+    assert (tmp_path / "s" / ".lock").read_text() == ""
 
 
 SCHEMA_1_LINE = (
