@@ -22,6 +22,8 @@ def small_model(op: str) -> nn.Module:
 
 
 def step_once(model: nn.Module, trace: StabilityTrace, scale: float):
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 0.5)  # its norm over all parameters: 0.5 * sqrt(count)
     trace.before_update(model)
     with torch.no_grad():
         for param in model.parameters():
@@ -35,6 +37,8 @@ def test_a_conv_moves_its_output_as_much_as_its_weights_and_has_no_churn():
     trace.start(model)
     step = step_once(model, trace, 1e-3)
     assert step.update_ratio == {"weights": pytest.approx(1e-3, rel=1e-3)}
+    assert step.grad_norm == pytest.approx(0.5 * sum(p.numel() for p in model.parameters()) ** 0.5)
+    assert step.most_moved in {"0.weight", "3.weight"}
     assert step.mask_churn is None
     assert step.output_change < 1e-2
 
@@ -78,6 +82,18 @@ def test_training_with_a_trace_records_every_step_and_a_summary():
     assert [json.loads(line)["step"] for line in trace.to_jsonl().splitlines()] == [1, 2, 3, 4, 5, 6, 7, 8]
     summary = summarize_trace(trace.steps)
     assert set(summary["mask_churn"]) == {"first", "middle", "last"} and "guide" in summary["peak_update_ratio"]
+    assert all(norm > 0 for norm in summary["grad_norm"].values())
+
+
+def test_the_trace_sees_the_gradient_before_clipping():
+    train_set = get_dataset("synthetic", split="train", num_images=32)
+    test_set = get_dataset("synthetic", split="test", num_images=16)
+    config = model_config_for("shufflenetv2", train_set, width=0.5, op="conv")
+    trace = StabilityTrace.on_dataset(train_set, images=4)
+    train(lambda: create_model(**config), train_set, test_set,
+          TrainRecipe(epochs=1, batch_size=16, clip_grad_norm=1e-3), trace=trace)
+    assert all(step.grad_norm > 1e-2 for step in trace.steps)  # far above the 1e-3 that was applied
+    assert all(step.update_ratio["weights"] < 1e-3 for step in trace.steps)
 
 
 def test_a_traced_run_trains_exactly_as_an_untraced_one():

@@ -227,11 +227,12 @@ def train(
                     loss = criterion(model(inputs), labels)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                if recipe.clip_grad_norm:
-                    scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
-                    nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
+                if recipe.clip_grad_norm or trace is not None:
+                    scaler.unscale_(optimizer)  # clip (and trace) the true gradient, not the loss-scaled one
                 if trace is not None:
-                    trace.before_update(model)
+                    trace.before_update(model)  # before clipping: the trace shows the gradient clipping acts on
+                if recipe.clip_grad_norm:
+                    nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 epoch_loss += loss.detach().float()

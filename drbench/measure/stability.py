@@ -3,10 +3,11 @@
 :class:`StabilityTrace` watches a model during :func:`drbench.measure.accuracy.train` (``drbench train --trace``)
 and records, every ``every`` steps, a :class:`StepTrace`:
 
-- the loss and learning rate of the step;
+- the loss and learning rate of the step, and the norm of its gradient over all parameters as the backward pass
+  left it (before any clipping: the trainer calls :meth:`StabilityTrace.before_update` first);
 - **update-to-weight ratios** ``||w_after - w_before|| / ||w_before||`` of the weight tensors (biases and norms, which
-  start at 0 or 1, are left out), the largest per parameter role (:func:`parameter_role`): a healthy step moves a
-  weight by about 1e-3 to 1e-2 of itself;
+  start at 0 or 1, are left out), the largest per parameter role (:func:`parameter_role`), and the name of the
+  tensor moved most: a healthy step moves a weight by about 1e-3 to 1e-2 of itself;
 - on a fixed **probe batch** run through the model before and after the step (BatchNorm on batch statistics, its
   running statistics untouched): the relative change of each traced layer's output and, for region-aware layers
   (those with ``last_mask``), the fraction of positions whose region changed (**mask churn**).
@@ -55,7 +56,9 @@ class StepTrace:
     step: int
     lr: float
     loss: float
+    grad_norm: float | None  # None where no parameter had a gradient
     update_ratio: dict[str, float]
+    most_moved: str
     output_change: float
     output_change_max: float
     output_change_layer: str
@@ -102,6 +105,7 @@ class StabilityTrace:
         self._layers: dict[str, nn.Module] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self._before_weights: dict[str, torch.Tensor] | None = None
+        self._grad_norm: float | None = None
         self._before_probe: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._calls = 0
 
@@ -125,25 +129,28 @@ class StabilityTrace:
         if self._calls % self.every:
             return
         self._before_weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.dim() > 1}
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        self._grad_norm = float(torch.stack([g.detach().float().norm() for g in grads]).norm()) if grads else None
         self._before_probe = self._run_probe(model)
 
     def after_update(self, model: nn.Module, step: int, loss: float, lr: float) -> StepTrace | None:
         """The step's trace (also appended to :attr:`steps`), or None on a step that is not traced."""
         if self._before_weights is None:
             return None
+        moved = {name: float((param.detach() - before).norm() / before.norm().clamp_min(1e-12))
+                 for name, param in model.named_parameters()
+                 if (before := self._before_weights.get(name)) is not None}
         ratios: dict[str, float] = {}
-        for name, param in model.named_parameters():
-            if name in self._before_weights:
-                before = self._before_weights[name]
-                ratio = float((param.detach() - before).norm() / before.norm().clamp_min(1e-12))
-                role = parameter_role(name)
-                ratios[role] = max(ratios.get(role, 0.0), ratio)
+        for name, ratio in moved.items():
+            role = parameter_role(name)
+            ratios[role] = max(ratios.get(role, 0.0), ratio)
         after = self._run_probe(model)
         changes = {name: relative_change(self._before_probe[name][0], output) for name, (output, _) in after.items()}
         churns = [mask_churn(self._before_probe[name][1], mask) for name, (_, mask) in after.items()
                   if mask is not None]
         worst = max(changes, key=changes.get)
-        trace = StepTrace(step, lr, loss, ratios, statistics.fmean(changes.values()), changes[worst], worst,
+        trace = StepTrace(step, lr, loss, self._grad_norm, ratios, max(moved, key=moved.get),
+                          statistics.fmean(changes.values()), changes[worst], worst,
                           statistics.fmean(churns) if churns else None, max(churns) if churns else None)
         self.steps.append(trace)
         self._before_weights = None
@@ -222,8 +229,8 @@ def first_rise(losses: Sequence[float], window: int = 10) -> int | None:
 
 def summarize_trace(steps: Sequence[StepTrace], window: int = 10) -> dict[str, Any]:
     """The figures of a trace that tell stable from chaotic training: the step where the loss first rose (see
-    :func:`first_rise`), the largest update ratio of each role, and output change and churn over the first, middle
-    and last tenths of the traced steps."""
+    :func:`first_rise`), the largest update ratio of each role, and gradient norm, output change and churn over the
+    first, middle and last tenths of the traced steps."""
     if not steps:
         return {}
     rise = first_rise([s.loss for s in steps], window)
@@ -233,6 +240,8 @@ def summarize_trace(steps: Sequence[StepTrace], window: int = 10) -> dict[str, A
     return {
         "loss_first_rises_at_step": None if rise is None else steps[rise].step,
         "peak_update_ratio": {role: max(s.update_ratio.get(role, 0.0) for s in steps) for role in sorted(roles)},
+        "grad_norm": {phase: statistics.fmean(s.grad_norm for s in part) if part[0].grad_norm is not None else None
+                      for phase, part in phases.items()},
         "output_change": {phase: statistics.fmean(s.output_change for s in part) for phase, part in phases.items()},
         "mask_churn": {phase: statistics.fmean(s.mask_churn for s in part) if part[0].mask_churn is not None else None
                        for phase, part in phases.items()},
