@@ -240,9 +240,11 @@ def summarize_trace(steps: Sequence[StepTrace], window: int = 10) -> dict[str, A
     return {
         "loss_first_rises_at_step": None if rise is None else steps[rise].step,
         "peak_update_ratio": {role: max(s.update_ratio.get(role, 0.0) for s in steps) for role in sorted(roles)},
-        "grad_norm": {phase: statistics.fmean(s.grad_norm for s in part) if part[0].grad_norm is not None else None
-                      for phase, part in phases.items()},
-        "output_change": {phase: statistics.fmean(s.output_change for s in part) for phase, part in phases.items()},
-        "mask_churn": {phase: statistics.fmean(s.mask_churn for s in part) if part[0].mask_churn is not None else None
-                       for phase, part in phases.items()},
+        **{figure: _phase_means(phases, figure) for figure in ("grad_norm", "output_change", "mask_churn")},
     }
+
+
+def _phase_means(phases: dict[str, Sequence[StepTrace]], figure: str) -> dict[str, float | None]:
+    """The mean of one :class:`StepTrace` figure over each phase's steps; None where the trace lacks it."""
+    return {phase: statistics.fmean(getattr(s, figure) for s in part) if getattr(part[0], figure) is not None
+            else None for phase, part in phases.items()}
