@@ -163,3 +163,14 @@ def test_report_of_a_real_run(tmp_path):
     markdown = report.index_md.read_text()
     assert f"{cells.loc['conv', 'macs_m']:.2f}"[:3] in markdown
     assert plot_names(report) == {"pareto.png", "pareto.svg"}
+
+
+def test_a_region_sweep_with_a_default_cell_plots_the_counts_and_tables_the_default(tmp_path):
+    write_store(tmp_path / "results" / "sweep", [
+        record(op="conv", macs=1_000_000, latency=[0.001] * 5),
+        *(record(op="drconv", macs=1_000_000 + m * 100_000, latency=[0.002] * 5, regions=m) for m in (2, 4)),
+        record(op="drconv", macs=1_900_000, latency=[0.003] * 5),  # regions left at the operator's default
+    ])
+    report = build_report([tmp_path / "results"], tmp_path / "report")
+    assert {"vs_regions.png", "pareto.png"} <= plot_names(report)
+    assert "| shufflenetv2 | 0.5 | default | 1.00 | 1.90 | +90.0% |" in report.index_md.read_text()

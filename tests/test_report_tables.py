@@ -116,10 +116,34 @@ def test_a_configuration_without_a_fuller_row_keeps_its_own():
     assert math.isnan(table[("drconv", "MACs (M)")].iloc[2])
 
 
-def test_a_cell_that_sets_the_row_key_wins_over_one_that_leaves_it_unset():
-    table = table_of(record(op="drconv", macs=1_000_000),  # the operator's default region count
+def test_a_cell_left_at_its_operators_default_is_a_row_of_its_own():
+    table = table_of(record(op="drconv", macs=1_000_000),  # the operator's default region count, not stored
                      *(record(op="drconv", macs=m * 1_000_000, regions=m) for m in (4, 8)))
-    assert table[("drconv", "MACs (M)")].tolist() == [4.0, 8.0]
+    assert list(table.index) == [("shufflenetv2", 0.5, 4), ("shufflenetv2", 0.5, 8), ("shufflenetv2", 0.5, "default")]
+    assert table[("drconv", "MACs (M)")].tolist() == [4.0, 8.0, 1.0]
+
+
+def test_an_init_ablation_merged_with_default_cells_shows_every_cell_once_beside_conv():
+    """fig4's cells leave ``init`` at its default; the ablation's set it, differently per operator."""
+    top1 = {"conv": [80.0, 82.0, 84.0], "drconv": [40.0, 41.0, 42.0], "condconv": [70.0, 71.0, 72.0],
+            "independent": [30.0, 30.5, 31.0], "scaled": [85.0, 86.0, 87.0]}
+    table = table_of(record(op="conv", top1=top1["conv"]),
+                     record(op="drconv", regions=8, top1=top1["drconv"]),
+                     record(op="condconv", experts=8, top1=top1["condconv"]),
+                     record(op="drconv", regions=8, init="independent", guide_bias=True, top1=top1["independent"]),
+                     record(op="condconv", experts=8, init="scaled", top1=top1["scaled"]))
+    assert table.index.names == ["model", "width", "init", "guide_bias"]
+    rows = {row[2]: table.loc[row] for row in table.index}
+    assert set(rows) == {"default", "independent", "scaled"}
+    shown = {(init, op): rows[init][(op, "top-1 (%)")] for init in rows for op in ("conv", "drconv", "condconv")}
+    assert shown[("default", "drconv")] == pytest.approx(41.0)
+    assert shown[("default", "condconv")] == pytest.approx(71.0)
+    assert shown[("independent", "drconv")] == pytest.approx(30.5)
+    assert math.isnan(shown[("independent", "condconv")])
+    assert shown[("scaled", "condconv")] == pytest.approx(86.0)
+    assert math.isnan(shown[("scaled", "drconv")])
+    assert all(shown[(init, "conv")] == pytest.approx(82.0) for init in rows)  # conv takes no init: in every row
+    assert rows["independent"][("drconv", "Δ top-1 vs conv (points)")] == pytest.approx(-51.5)
 
 
 def test_rows_sort_numbers_ascending_and_models_in_measured_order():

@@ -41,6 +41,10 @@ from drbench.results import StoreWarning, flatten_record, read_records
 BASELINE_OP = "conv"
 """The operator every other is compared against."""
 
+OPTION_DEFAULT = "default"
+"""The value shown for an operator option that a cell left at its default while other cells of its operator set
+it (:func:`mark_option_defaults`)."""
+
 DEDICATED = ("macs", "params", "latency", "latency.train", "memory", "accuracy")
 """Quantities the report derives columns of its own for (quartiles, throughput, seeds); any other registered
 quantity gets its headline in its unit (``<name>.shown``)."""
@@ -115,7 +119,34 @@ def latest_cells(frame: pd.DataFrame, config_keys: Sequence[str]) -> pd.DataFram
     for key in config_keys:
         if key in latest:
             latest[key] = _objects([hashable_value(v) for v in latest[key]], latest.index)
+    latest = mark_option_defaults(latest, config_keys)
     return latest.assign(**derived_columns(latest)).reset_index(drop=True)
+
+
+def mark_option_defaults(cells: pd.DataFrame, config_keys: Sequence[str]) -> pd.DataFrame:
+    """``cells`` with :data:`OPTION_DEFAULT` where a cell leaves unset a key that other cells of its operator set.
+
+    A key unset on every cell of an operator is one the operator does not take (conv has no ``regions``): it stays
+    unset, and the tables place such a cell beside every setting of the key. A key that some cells of the operator
+    set was left at the operator's default by the others, a setting of its own: the report must not show those
+    cells as any of the settings measured (DRConv's default init beside ``init=independent``), nor hide them. The
+    default is not named from today's registry, since a stored record may predate a change of default.
+
+    >>> cells = pd.DataFrame({"op": ["conv", "drconv", "drconv"], "init": [None, None, "independent"]}, dtype=object)
+    >>> mark_option_defaults(cells, ["op", "init"])["init"].tolist()
+    [None, 'default', 'independent']
+    """
+    marked = cells.copy()
+    for key in config_keys:
+        if key == "op" or key not in marked:
+            continue
+        unset = marked[key].map(is_missing)
+        ops_setting_it = set(marked.loc[~unset, "op"])
+        at_default = unset & marked["op"].isin(ops_setting_it)
+        if at_default.any():
+            marked[key] = _objects([OPTION_DEFAULT if d else v for d, v in zip(at_default, marked[key])],
+                                   marked.index)
+    return marked
 
 
 def derived_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:

@@ -212,7 +212,8 @@ def sweep(cells: pd.DataFrame, config_keys: Sequence[str], axis: str) -> Plot | 
         return None
     groups = [k for k in row_keys(cells, config_keys) if k != axis]
     by_series = _grouped(cells, [*groups, "op"])
-    swept = {key: rows for key, rows in by_series.items() if rows[axis].map(hashable_value).dropna().nunique() >= 2}
+    swept = {key: rows[_on_axis(rows[axis])] for key, rows in by_series.items()
+             if rows[axis][_on_axis(rows[axis])].nunique() >= 2}
     panels = [q for q in QUANTITIES
               if q.column in ("macs_m", "params_m", "latency_ms") and cells[q.column].notna().any()]
     if not swept or not panels:
@@ -224,7 +225,7 @@ def sweep(cells: pd.DataFrame, config_keys: Sequence[str], axis: str) -> Plot | 
     spatial = axis == "input_size"
     figure = Figure(figsize=(2.5 * len(panels) + 0.6, 3.2), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    x_values = sorted({v for rows in swept.values() for v in rows[axis].map(hashable_value).dropna()}, key=_size)
+    x_values = sorted({v for rows in swept.values() for v in rows[axis]}, key=_size)
     for quantity, ax in zip(panels, axes):
         for key, rows in levels.items():
             line = _line_of(key[:-1], swept_groups)
@@ -233,7 +234,7 @@ def sweep(cells: pd.DataFrame, config_keys: Sequence[str], axis: str) -> Plot | 
                        label=f"{_series_label(groups, key[:-1], label_keys, key[-1])} (no {axis})")
         for key, rows in swept.items():
             line = swept_groups.index(key[:-1])
-            rows = rows[rows[axis].notna()].sort_values(axis, key=lambda column: column.map(_size))
+            rows = rows.sort_values(axis, key=lambda column: column.map(_size))
             err = (np.vstack([rows["latency_ms"] - rows["latency_q1_ms"], rows["latency_q3_ms"] - rows["latency_ms"]])
                    if quantity.column == "latency_ms" else None)
             ax.errorbar(rows[axis].map(_size), rows[quantity.column], yerr=err, color=_colour(key[-1]),
@@ -339,6 +340,12 @@ def _colour(op: str) -> str:
     if op in OP_COLOURS:
         return OP_COLOURS[op]
     return SPARE_COLOURS[sum(map(ord, op)) % len(SPARE_COLOURS)]
+
+
+def _on_axis(values: pd.Series) -> pd.Series:
+    """Which values have a place on a numeric axis: numbers and (H, W) sizes, not an unset key nor an option
+    left at its default (its value is not stored)."""
+    return values.map(lambda v: isinstance(v, (int, float, tuple)) and not isinstance(v, bool) and not is_missing(v))
 
 
 def _size(value) -> float:
