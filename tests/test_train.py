@@ -167,7 +167,9 @@ def test_dynamic_operators_train_deterministically(op, options):
         assert torch.equal(tensor, again.model.state_dict()[name]), name
 
 
-def test_clipping_bounds_the_gradient_norm_of_a_step():
+def one_plain_step(**clipping: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each parameter of ``tiny_cnn`` before and after one plain SGD step at lr 0.5 (the linear decay's value
+    half-way through a one-step run): the step is the clipped gradient times the rate."""
     initial: dict[str, torch.Tensor] = {}
 
     def build() -> nn.Module:
@@ -175,18 +177,36 @@ def test_clipping_bounds_the_gradient_norm_of_a_step():
         initial.update({name: p.detach().clone() for name, p in model.named_parameters()})
         return model
 
-    # one plain SGD step at lr 0.5 (the linear decay's value half-way through a one-step run): the step is the
-    # clipped gradient times the rate
-    plain = {"epochs": 1, "batch_size": 64, "lr": 1.0, "warmup_epochs": 0, "momentum": 0, "nesterov": False,
-             "weight_decay": 0, "augment": False}
+    recipe = TrainRecipe(epochs=1, batch_size=64, lr=1.0, warmup_epochs=0, momentum=0, nesterov=False,
+                         weight_decay=0, augment=False, **{"clip_grad_norm": 0.0, **clipping})
+    model = train(build, colour_dataset(64, 0), colour_dataset(32, 1, "test"), recipe, seed=0).model
+    return {name: (initial[name], p.detach()) for name, p in model.named_parameters()}
 
+
+def test_clipping_bounds_the_gradient_norm_of_a_step():
     def step_norm(clip: float) -> float:
-        recipe = TrainRecipe(**plain, clip_grad_norm=clip)
-        model = train(build, colour_dataset(64, 0), colour_dataset(32, 1, "test"), recipe, seed=0).model
-        return torch.cat([(p.detach() - initial[name]).flatten() for name, p in model.named_parameters()]).norm().item()
+        return torch.cat([(after - before).flatten() for before, after in
+                          one_plain_step(clip_grad_norm=clip).values()]).norm().item()
 
     assert step_norm(1e-3) == pytest.approx(0.5e-3, rel=1e-4)
     assert step_norm(0) > 100 * 0.5e-3  # without clipping: the whole gradient
+
+
+def test_adaptive_clipping_bounds_each_units_step_relative_to_its_weight():
+    def unit_ratios(**clipping: float) -> dict[str, torch.Tensor]:
+        """Each output unit's step norm over its weight norm, for the weights (2+ dimensions)."""
+        return {name: (after - before).flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)
+                for name, (before, after) in one_plain_step(**clipping).items() if before.dim() > 1}
+
+    clipped, plain = unit_ratios(agc_factor=1e-3), unit_ratios()
+    for name in clipped:
+        assert (clipped[name] <= 0.5e-3 * (1 + 1e-4)).all(), name  # lr 0.5 x factor 1e-3
+        assert clipped[name].max() == pytest.approx(0.5e-3, rel=1e-4), name  # these gradients are all clipped
+        assert (plain[name] > 2 * 0.5e-3).any(), name
+    biases = {name: after - before for name, (before, after) in one_plain_step(agc_factor=1e-3).items()
+              if before.dim() == 1}
+    unclipped = {name: after - before for name, (before, after) in one_plain_step().items() if before.dim() == 1}
+    assert all(torch.equal(biases[name], unclipped[name]) for name in biases)  # vectors are never clipped
 
 
 def test_a_diverged_run_is_recorded_not_raised():
@@ -291,9 +311,11 @@ TINY_RUN = ["--width", "0.5", "--epochs", "1", "--batch-size", "16", "--train-im
 
 def test_train_json_prints_one_object(tmp_path):
     checkpoint = tmp_path / "model.pt"
-    result = runner.invoke(app, ["train", "shufflenetv2", *TINY_RUN, "--json", "--checkpoint", str(checkpoint)])
+    result = runner.invoke(app, ["train", "shufflenetv2", *TINY_RUN, "--json", "--checkpoint", str(checkpoint),
+                                 "--agc", "0.05"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
+    assert summary["recipe"]["agc_factor"] == 0.05
     for key in ("top1", "top5", "num_classes", "epochs", "seed", "train_time_s"):
         assert key in summary
     assert summary["num_classes"] == 10 and summary["epochs"] == 1 and summary["seed"] == 0

@@ -76,6 +76,9 @@ def train_command(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="linear (the paper's) or cosine."),
     clip_grad: Optional[float] = typer.Option(
         None, "--clip-grad", help="Largest gradient norm of a step (default: the recipe's); 0 for no clipping."),
+    agc: Optional[float] = typer.Option(
+        None, "--agc", help="Adaptive gradient clipping factor: each unit's gradient norm at most this times its "
+        "weight norm (default: the recipe's); 0 for none."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop after this many seconds."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and augmentation."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: run.device)."),
@@ -93,7 +96,7 @@ def train_command(
         config = load_config(overrides={"run.device": device, "data.dataset": dataset,
                                         "data.data_path": None if data is None else str(data)})
         recipe_values = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "warmup_epochs": warmup,
-                         "schedule": schedule, "clip_grad_norm": clip_grad, "time_budget_s": time_budget}
+                         "schedule": schedule, "clip_grad_norm": clip_grad, "agc_factor": agc, "time_budget_s": time_budget}
         recipe = TrainRecipe(**{key: value for key, value in recipe_values.items() if value is not None})
         data_path = config.get("data.data_path")
         # absolute, so that a checkpoint finds its data from any working directory (drbench masks)
