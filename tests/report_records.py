@@ -38,11 +38,12 @@ def record(
     machine: str = "bench-1",
     started: str = "2026-01-01T00:00:00+00:00",
     suite: str = "handmade",
+    recipe: dict | None = None,
     **options: Any,
 ) -> dict:
     """One record; ``latency`` are raw per-call samples in seconds (``reference``: the reference kernel's, timed in
     turns with them), ``top1`` the per-seed accuracies (%, None for
-    a seed whose training diverged)."""
+    a seed whose training diverged), ``recipe`` the training recipe each run stores."""
     config = {"model": model, "width": width, "op": op, "input_size": input_size, "placement": "default",
               "small_input": True, "num_classes": 10, "batch_size": 1, "dtype": "float32", "device": "cpu",
               **options}
@@ -59,7 +60,7 @@ def record(
     if memory is not None:
         metrics["memory"] = {"value": memory, "peak_bytes": memory, "device": "cpu", "method": "test"}
     if top1 is not None:
-        metrics["accuracy"] = accuracy_metric(top1)
+        metrics["accuracy"] = accuracy_metric(top1, recipe)
     return Record.model_validate({
         "schema": SCHEMA_VERSION,
         "suite": suite,
@@ -78,7 +79,7 @@ def record(
     }).to_dict()
 
 
-def accuracy_metric(per_seed: Sequence[float | None]) -> dict:
+def accuracy_metric(per_seed: Sequence[float | None], recipe: dict | None = None) -> dict:
     """The ``accuracy`` metric's stored form (drbench.measure.accuracy.measure_accuracy); None: a diverged seed."""
     finished = [value for value in per_seed if value is not None]
     return {
@@ -86,8 +87,8 @@ def accuracy_metric(per_seed: Sequence[float | None]) -> dict:
         "std": (statistics.stdev(finished) if len(finished) > 1 else 0.0) if finished else None,
         "seeds": list(range(len(per_seed))),
         "diverged": len(per_seed) - len(finished),
-        "runs": [{"seed": seed, "status": "ok" if value is not None else "diverged", "top1": value}
-                 for seed, value in enumerate(per_seed)],
+        "runs": [{"seed": seed, "status": "ok" if value is not None else "diverged", "top1": value,
+                  **({} if recipe is None else {"recipe": recipe})} for seed, value in enumerate(per_seed)],
     }
 
 

@@ -174,3 +174,16 @@ def test_a_region_sweep_with_a_default_cell_plots_the_counts_and_tables_the_defa
     report = build_report([tmp_path / "results"], tmp_path / "report")
     assert {"vs_regions.png", "pareto.png"} <= plot_names(report)
     assert "| shufflenetv2 | 0.5 | default | 1.00 | 1.90 | +90.0% |" in report.index_md.read_text()
+
+
+def test_accuracy_trained_under_different_protocols_is_flagged(tmp_path):
+    five, eight = {"epochs": 5, "clip_grad_norm": 2.0}, {"epochs": 8, "clip_grad_norm": 0.0, "agc_factor": 0.1}
+    write_store(tmp_path / "same", [record(op="conv", top1=[70.0, 72.0], recipe=five),
+                                    record(op="drconv", top1=[60.0, 61.0], recipe=five, regions=4)])
+    assert not [n for n in build_report([tmp_path / "same"], tmp_path / "r1").notices if "protocols" in n.message]
+    write_store(tmp_path / "mixed", [record(op="conv", top1=[90.0, 91.0], recipe=eight),
+                                     record(op="drconv", top1=[60.0, 61.0], recipe=five, regions=4)])
+    notice = next(n for n in build_report([tmp_path / "mixed"], tmp_path / "r2").notices if "protocols" in n.message)
+    assert "2 different protocols" in notice.message
+    assert notice.details == ("agc_factor=0.1, clip_grad_norm=0.0, epochs=8: shufflenetv2 0.5x conv",
+                              "agc_factor=unset, clip_grad_norm=2.0, epochs=5: shufflenetv2 0.5x drconv")

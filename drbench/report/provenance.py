@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -105,6 +107,11 @@ def report_warnings(results: Results) -> list[Notice]:
     if failed := failed_cells(results):
         notices.append(Notice(f"{_count(len(failed), 'cell')} failed; missing from the tables and plots:",
                               tuple(f"{label}: {error}" for label, error in failed)))
+    if len(protocols := training_protocols(results)) > 1:
+        notices.append(Notice(
+            f"Accuracy was trained under {len(protocols)} different protocols: a row may compare operators trained "
+            "differently (drbench report one protocol's results at a time to compare like with like):",
+            tuple(f"{settings}: {', '.join(labels)}" for settings, labels in protocols)))
     if diverged := diverged_runs(results):
         notices.append(Notice("Training runs diverged (NaN loss) and are left out of the accuracy:",
                               tuple(f"{label}: {count} run(s)" for label, count in diverged)))
@@ -146,6 +153,41 @@ def diverged_runs(results: Results) -> list[tuple[str, int]]:
     """(label, diverged seed count) of each cell where accuracy training diverged."""
     counts = pd.to_numeric(results.cells.get("accuracy.diverged", pd.Series(dtype=float)), errors="coerce")
     return [(results.label(results.cells.loc[i]), int(n)) for i, n in counts.items() if n > 0]
+
+
+def training_protocols(results: Results) -> list[tuple[str, tuple[str, ...]]]:
+    """(the settings that tell it apart, the cells trained with it) for each accuracy protocol among the cells: the
+    recipe its runs stored and the data set. A setting one protocol lacks (a record older than the setting) reads
+    ``unset``; it is not named from today's defaults.
+
+    >>> from drbench.report.cells import load_results
+    >>> training_protocols(load_results(["results/quick"]))
+    []
+    """
+    protocols: dict[str, dict[str, Any]] = {}
+    members: dict[str, list[str]] = {}
+    for _, cell in results.cells.iterrows():
+        settings = _protocol(cell.get("accuracy.runs"), cell.get("accuracy.dataset"))
+        if settings is None:
+            continue
+        key = json.dumps(settings, sort_keys=True, default=str)
+        protocols.setdefault(key, settings)
+        members.setdefault(key, []).append(results.label(cell))
+    names = sorted({name for settings in protocols.values() for name in settings})
+    differing = [name for name in names if len({json.dumps(s.get(name, "unset"), default=str)
+                                                for s in protocols.values()}) > 1]
+    return [(", ".join(f"{name}={settings.get(name, 'unset')}" for name in differing) or "the same settings",
+             tuple(members[key])) for key, settings in protocols.items()]
+
+
+def _protocol(runs: Any, dataset: Any) -> dict[str, Any] | None:
+    """The stored recipe of a cell's first run and its data set, flat; None without a recipe (not a stored run)."""
+    recipe = next((run["recipe"] for run in runs if isinstance(run, dict) and isinstance(run.get("recipe"), dict)),
+                  None) if isinstance(runs, list) else None
+    if recipe is None:
+        return None
+    data = {f"dataset.{key}": value for key, value in dataset.items()} if isinstance(dataset, dict) else {}
+    return {**recipe, **data}
 
 
 def failed_cells(results: Results) -> list[tuple[str, str]]:
