@@ -96,7 +96,8 @@ def train_command(
         config = load_config(overrides={"run.device": device, "data.dataset": dataset,
                                         "data.data_path": None if data is None else str(data)})
         recipe_values = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "warmup_epochs": warmup,
-                         "schedule": schedule, "clip_grad_norm": clip_grad, "agc_factor": agc, "time_budget_s": time_budget}
+                         "schedule": schedule, "clip_grad_norm": clip_grad, "agc_factor": agc,
+                         "time_budget_s": time_budget}
         recipe = TrainRecipe(**{key: value for key, value in recipe_values.items() if value is not None})
         data_path = config.get("data.data_path")
         # absolute, so that a checkpoint finds its data from any working directory (drbench masks)

@@ -161,7 +161,7 @@ def training_protocols(results: Results) -> list[tuple[str, tuple[str, ...]]]:
     ``unset``; it is not named from today's defaults.
 
     >>> from drbench.report.cells import load_results
-    >>> training_protocols(load_results(["results/quick"]))
+    >>> training_protocols(load_results(["results/quick"]))  # the quick store measured no accuracy
     []
     """
     protocols: dict[str, dict[str, Any]] = {}
